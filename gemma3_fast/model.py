@@ -1,0 +1,133 @@
+"""Gemma 3 text model (batch 1), written against the fused ops of gemma3_fast.ops.
+
+Per block: y = norm(h); attention(y) with QK-norm + RoPE over the preallocated KV cache; sandwich norms
+fused with the residual adds (h = h + norm(out); y = norm(h)); gated gelu-tanh MLP. Weights are stored
+fused where that saves matmul calls: q|k|v in one projection, gate|up in another.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops as ops_module
+from .config import Gemma3Config
+from .kv_cache import KVCache
+from .reference_ops import rope_inv_freq
+
+
+class Gemma3Block(nn.Module):
+    def __init__(self, config: Gemma3Config, layer: int):
+        super().__init__()
+        c = config
+        self.hq, self.hk, self.d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.eps = c.rms_norm_eps
+        self.scale = c.attn_scale
+        self.window = c.sliding_window if c.is_sliding(layer) else 0  # 0 = global attention
+        self.qkv_proj = nn.Linear(c.hidden_size, (self.hq + 2 * self.hk) * self.d, bias=False)
+        self.o_proj = nn.Linear(self.hq * self.d, c.hidden_size, bias=False)
+        self.gate_up_proj = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+        for name in ("input_norm", "post_attn_norm", "pre_ff_norm", "post_ff_norm"):
+            setattr(self, name, nn.Parameter(torch.zeros(c.hidden_size)))
+        self.q_norm = nn.Parameter(torch.zeros(c.head_dim))
+        self.k_norm = nn.Parameter(torch.zeros(c.head_dim))
+        self.register_buffer("inv_freq", rope_inv_freq(c.head_dim, c.rope_theta(layer)), persistent=False)
+
+    def forward(self, h, y, positions, k_cache, v_cache, ring: bool, write_cache: bool, next_norm, ops):
+        """h: residual stream [T, hidden]; y: this block's input-normed h. Returns (h, next block's y)."""
+        t = y.shape[0]
+        qkv = self.qkv_proj(y)
+        q, k, v = qkv.split((self.hq * self.d, self.hk * self.d, self.hk * self.d), dim=-1)
+        q, k = ops.qk_norm_rope(q.view(t, self.hq, self.d), k.view(t, self.hk, self.d), self.q_norm, self.k_norm,
+                                positions, self.inv_freq, self.eps)
+        v = v.reshape(t, self.hk, self.d).contiguous()
+        attn = ops.attention(q, k, v, k_cache, v_cache, positions, self.window, self.scale)
+        if write_cache:  # after attention: a chunk longer than the ring still attends to its own keys
+            ops.kv_cache_write(k_cache, v_cache, k, v, positions, ring)
+        h, y = ops.add_rms_norm(self.o_proj(attn.view(t, self.hq * self.d)), h, self.post_attn_norm,
+                                self.pre_ff_norm, self.eps)
+        gate, up = self.gate_up_proj(y).chunk(2, dim=-1)
+        mlp = self.down_proj(F.gelu(gate, approximate="tanh") * up)
+        return ops.add_rms_norm(mlp, h, self.post_ff_norm, next_norm, self.eps)
+
+
+class Gemma3Model(nn.Module):
+    def __init__(self, config: Gemma3Config, backend: str = "auto"):
+        super().__init__()
+        self.config = config
+        self.backend = backend
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Gemma3Block(config, i) for i in range(config.num_hidden_layers))
+        self.final_norm = nn.Parameter(torch.zeros(config.hidden_size))
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+        self.ops = ops_module.resolve_backend(backend, "cpu")
+
+    def tie_weights(self) -> None:
+        self.lm_head.weight = self.embed_tokens.weight
+
+    def set_backend(self, backend: str) -> None:
+        self.backend = backend
+        self.ops = ops_module.resolve_backend(backend, self.device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def new_cache(self, max_len: int) -> KVCache:
+        return KVCache(self.config, max_len, self.dtype, self.device)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
+                all_logits: bool = False) -> torch.Tensor:
+        """Logits for input_ids [T] at absolute positions [T]: [T, vocab] or, by default, [1, vocab] (last).
+
+        With a cache, keys of earlier positions are read from it and the new ones written to it (the caller
+        advances cache.seq_len). Without one, this is a plain causal forward from position 0.
+        """
+        ops = self.ops
+        c = self.config
+        scale = torch.tensor(c.embed_scale, dtype=self.dtype)  # transformers rounds the scale to the dtype
+        h = self.embed_tokens(input_ids) * scale.to(self.device)
+        y = ops.rms_norm(h, self.layers[0].input_norm, c.rms_norm_eps)
+        empty = h.new_zeros(0, c.num_key_value_heads, c.head_dim)
+        for i, layer in enumerate(self.layers):
+            next_norm = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.final_norm
+            if cache is None:
+                h, y = layer(h, y, positions, empty, empty, False, False, next_norm, ops)
+            else:
+                h, y = layer(h, y, positions, cache.k[i], cache.v[i], cache.ring[i], True, next_norm, ops)
+        return self.lm_head(y if all_logits else y[-1:])
+
+    # -- cache bookkeeping ---------------------------------------------------------------------
+    def _positions(self, cache: KVCache, n: int) -> torch.Tensor:
+        if cache.seq_len + n > cache.max_len:
+            raise ValueError(f"{cache.seq_len} cached + {n} new tokens exceed the KV cache of {cache.max_len}")
+        return torch.arange(cache.seq_len, cache.seq_len + n, device=self.device)
+
+    @torch.inference_mode()
+    def prefill(self, input_ids: torch.Tensor, cache: KVCache, chunk_size: int = 0,
+                all_logits: bool = False) -> torch.Tensor:
+        """Run the prompt through the model in chunks of `chunk_size` tokens (0 = one shot)."""
+        n = int(input_ids.shape[0])
+        if n == 0:
+            raise ValueError("prefill needs at least one token")
+        step = chunk_size if chunk_size > 0 else n
+        outs = []
+        for s in range(0, n, step):
+            ids = input_ids[s:s + step]
+            outs.append(self(ids, self._positions(cache, ids.shape[0]), cache, all_logits=all_logits))
+            cache.seq_len += ids.shape[0]
+        return torch.cat(outs) if all_logits else outs[-1]
+
+    @torch.inference_mode()
+    def decode(self, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One token [1] in, last-position logits [1, vocab] out."""
+        logits = self(token, self._positions(cache, 1), cache)
+        cache.seq_len += 1
+        return logits

@@ -1,0 +1,102 @@
+"""Pure-PyTorch reference operators: the specification of every C++/CUDA kernel in csrc/.
+
+Shapes (batch 1; T tokens of one sequence):
+  x, residual      [T, hidden]              norms
+  q                [T, Hq, D]               query heads
+  k, v             [T, Hk, D]               key/value heads of the new tokens
+  k_cache, v_cache [S, Hk, D]               preallocated cache; position p lives in slot p % S
+  positions        int64 [T], consecutive   absolute positions of the T tokens
+All math runs in fp32 and is cast back to the input dtype once, at the end.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gemma's RMSNorm: x * rsqrt(mean(x^2) + eps) * (1 + w), in fp32."""
+    return _norm_f32(x, weight, eps).to(x.dtype)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, post_weight: torch.Tensor, pre_weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sandwich-norm step: h = residual + rmsnorm(x, post); y = rmsnorm(h, pre). Returns (h, y).
+
+    The normed branch is rounded to the activation dtype before the add, as transformers does.
+    """
+    h = (residual.float() + rms_norm(x, post_weight, eps).float()).to(x.dtype)
+    return h, rms_norm(h, pre_weight, eps)
+
+
+def rope_inv_freq(head_dim: int, theta: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """RoPE inverse frequencies [head_dim // 2] in fp32, computed as transformers computes them."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Half-split ("neox") RoPE on fp32 x [T, H, D] at absolute positions [T]."""
+    freqs = positions.float()[:, None] * inv_freq[None, :]  # [T, D/2]
+    cos, sin = freqs.cos()[:, None, :], freqs.sin()[:, None, :]
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
+                 positions: torch.Tensor, inv_freq: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head RMSNorm of q and k (weights [D]), then RoPE at `positions`. Returns new (q, k)."""
+    qn, kn = _norm_f32(q, q_weight, eps), _norm_f32(k, k_weight, eps)
+    return apply_rope(qn, positions, inv_freq).to(q.dtype), apply_rope(kn, positions, inv_freq).to(k.dtype)
+
+
+def _norm_f32(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    # rms_norm kept in fp32: the fused op rounds once, after RoPE.
+    xf = x.float()
+    return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * (1.0 + w.float())
+
+
+def kv_cache_write(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   positions: torch.Tensor, ring: bool) -> None:
+    """Write k/v [T, Hk, D] into slot p % S (ring) or p (linear cache) of the caches [S, Hk, D], in place."""
+    size = k_cache.shape[0]
+    if not ring and int(positions.max()) >= size:
+        raise ValueError(f"kv_cache_write: position {int(positions.max())} is outside the cache of {size} slots")
+    if ring and k.shape[0] > size:  # only the last S tokens survive in a ring of S slots
+        k, v, positions = k[-size:], v[-size:], positions[-size:]
+    slots = positions % size
+    k_cache.index_copy_(0, slots, k.to(k_cache.dtype))
+    v_cache.index_copy_(0, slots, v.to(v_cache.dtype))
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+              positions: torch.Tensor, window: int, scale: float) -> torch.Tensor:
+    """Causal (optionally sliding-window) attention of T new queries over cached and new keys.
+
+    Query at position i sees key j iff j <= i and (window == 0 or i - j < window). Keys of positions before
+    positions[0] come from the cache (slot j % S); keys of the T new tokens come from k/v, so a chunk longer
+    than the ring still sees its own keys. The cache is read before this chunk is written into it.
+    Returns [T, Hq, D] in q's dtype.
+    """
+    t, hq, d = q.shape
+    hk = k.shape[1]
+    size = k_cache.shape[0]
+    start = int(positions[0])
+    lo = max(0, start - (window - 1)) if window > 0 else 0
+    if start - lo > size:
+        raise ValueError(f"attention: keys {lo}..{start - 1} are needed but the cache holds only {size} slots")
+    cached = torch.arange(lo, start, device=q.device)
+    keys = torch.cat((k_cache[cached % size].float(), k.float()))  # [L, Hk, D]
+    vals = torch.cat((v_cache[cached % size].float(), v.float()))
+    kpos = torch.cat((cached, positions.to(cached.dtype)))
+    qpos = positions.to(cached.dtype)
+
+    allowed = kpos[None, :] <= qpos[:, None]
+    if window > 0:
+        allowed &= (qpos[:, None] - kpos[None, :]) < window
+    qg = q.float().view(t, hk, hq // hk, d)  # query heads grouped by the KV head they share
+    scores = torch.einsum("tkgd,lkd->kgtl", qg, keys) * scale
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.einsum("kgtl,lkd->tkgd", probs, vals)
+    return out.reshape(t, hq, d).to(q.dtype)

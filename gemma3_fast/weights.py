@@ -1,0 +1,152 @@
+"""Hugging Face checkpoint tensors -> a Gemma3Model: name mapping, shape checks, fusing, dtype."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .config import Gemma3Config
+from .model import Gemma3Model
+
+SUPPORTED_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+# Prefixes under which the text model's tensors appear (plain, and inside multimodal checkpoints).
+_PREFIXES = ("model.language_model.", "language_model.model.", "model.")
+
+# Per-block tensors: HF name suffix -> (our name, fused group or None).
+_BLOCK_NORMS = {
+    "input_layernorm.weight": "input_norm",
+    "post_attention_layernorm.weight": "post_attn_norm",
+    "pre_feedforward_layernorm.weight": "pre_ff_norm",
+    "post_feedforward_layernorm.weight": "post_ff_norm",
+    "self_attn.q_norm.weight": "q_norm",
+    "self_attn.k_norm.weight": "k_norm",
+}
+
+
+class WeightsError(ValueError):
+    """A checkpoint that does not match the config: the message names the file and the tensor."""
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        name = str(dtype).replace("torch.", "")
+    else:
+        name = dtype
+    if name in ("float16", "half"):
+        raise ValueError("dtype float16 is not supported: Gemma 3 activations overflow fp16 (NaN output). "
+                         "Use float32 or bfloat16.")
+    if name not in SUPPORTED_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(SUPPORTED_DTYPES)}, got {name!r}")
+    return SUPPORTED_DTYPES[name]
+
+
+def expected_hf_shapes(c: Gemma3Config) -> dict[str, tuple[int, ...]]:
+    h, d = c.hidden_size, c.head_dim
+    shapes = {"embed_tokens.weight": (c.vocab_size, h), "norm.weight": (h,)}
+    for i in range(c.num_hidden_layers):
+        p = f"layers.{i}."
+        shapes.update({
+            p + "self_attn.q_proj.weight": (c.num_attention_heads * d, h),
+            p + "self_attn.k_proj.weight": (c.num_key_value_heads * d, h),
+            p + "self_attn.v_proj.weight": (c.num_key_value_heads * d, h),
+            p + "self_attn.o_proj.weight": (h, c.num_attention_heads * d),
+            p + "mlp.gate_proj.weight": (c.intermediate_size, h),
+            p + "mlp.up_proj.weight": (c.intermediate_size, h),
+            p + "mlp.down_proj.weight": (h, c.intermediate_size),
+        })
+        for suffix in _BLOCK_NORMS:
+            shapes[p + suffix] = (d,) if suffix.startswith("self_attn.") else (h,)
+    return shapes
+
+
+def _strip_prefix(name: str) -> str | None:
+    for prefix in _PREFIXES:
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return None
+
+
+def build_model(config: Gemma3Config, get_tensor: Callable[[str], torch.Tensor], names: list[str], source: str,
+                dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                backend: str = "auto") -> Gemma3Model:
+    """Assemble a model from checkpoint tensors (HF names), reading each once via `get_tensor(name)`."""
+    shapes = expected_hf_shapes(config)
+    index = {}
+    for name in names:
+        short = _strip_prefix(name)
+        if short in shapes:
+            index[short] = name
+    missing = [n for n in shapes if n not in index]
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise WeightsError(f"{source}: missing tensor(s) {['model.' + m for m in missing[:5]]}{more}")
+
+    def load(short: str) -> torch.Tensor:
+        t = get_tensor(index[short])
+        if tuple(t.shape) != shapes[short]:
+            raise WeightsError(f"{source}: tensor {index[short]!r} has shape {tuple(t.shape)}, but config.json "
+                               f"implies {shapes[short]}")
+        if not t.is_floating_point():
+            raise WeightsError(f"{source}: tensor {index[short]!r} has dtype {t.dtype}, expected a float type")
+        return t.to(dtype)
+
+    state = {"embed_tokens.weight": load("embed_tokens.weight"), "final_norm": load("norm.weight")}
+    state["lm_head.weight"] = state["embed_tokens.weight"]  # tied
+    for i in range(config.num_hidden_layers):
+        p, q = f"layers.{i}.", f"layers.{i}."
+        state[q + "qkv_proj.weight"] = torch.cat([load(p + f"self_attn.{x}_proj.weight") for x in "qkv"])
+        state[q + "o_proj.weight"] = load(p + "self_attn.o_proj.weight")
+        state[q + "gate_up_proj.weight"] = torch.cat([load(p + "mlp.gate_proj.weight"), load(p + "mlp.up_proj.weight")])
+        state[q + "down_proj.weight"] = load(p + "mlp.down_proj.weight")
+        for suffix, ours in _BLOCK_NORMS.items():
+            state[q + ours] = load(p + suffix)
+
+    with torch.device("meta"):
+        model = Gemma3Model(config, backend="reference")
+    model.load_state_dict(state, strict=True, assign=True)
+    model.tie_weights()
+    model = model.to(device)
+    model.set_backend(backend)
+    return model.eval().requires_grad_(False)
+
+
+def open_safetensors_folder(folder: Path):
+    """(names, get_tensor) over model.safetensors or a sharded checkpoint with its index."""
+    from safetensors import SafetensorError, safe_open
+
+    single, index_file = folder / "model.safetensors", folder / "model.safetensors.index.json"
+    if single.is_file():
+        files = [single]
+    elif index_file.is_file():
+        try:
+            weight_map = json.loads(index_file.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise WeightsError(f"{index_file}: not a valid safetensors index ({e})") from None
+        files = sorted({folder / f for f in weight_map.values()})
+        for f in files:
+            if not f.is_file():
+                raise WeightsError(f"{index_file}: shard {f.name} is listed but missing")
+    else:
+        raise WeightsError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+    handles, owner = [], {}
+    for f in files:
+        try:
+            h = safe_open(str(f), framework="pt")
+        except (SafetensorError, OSError, Exception) as e:
+            raise WeightsError(f"{f}: not a readable safetensors file ({e})") from None
+        handles.append(h)
+        for name in h.keys():
+            owner[name] = (h, f)
+
+    def get_tensor(name: str) -> torch.Tensor:
+        h, f = owner[name]
+        try:
+            return h.get_tensor(name)
+        except Exception as e:
+            raise WeightsError(f"{f}: tensor {name!r} could not be read ({e})") from None
+
+    return list(owner), get_tensor
