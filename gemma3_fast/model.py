@@ -14,7 +14,7 @@ from torch import nn
 from . import ops as ops_module
 from .config import Gemma3Config
 from .kv_cache import KVCache
-from .reference_ops import rope_inv_freq
+from .reference_ops import rope_cos_sin, rope_inv_freq
 
 
 class Gemma3Block(nn.Module):
@@ -33,15 +33,15 @@ class Gemma3Block(nn.Module):
             setattr(self, name, nn.Parameter(torch.zeros(c.hidden_size)))
         self.q_norm = nn.Parameter(torch.zeros(c.head_dim))
         self.k_norm = nn.Parameter(torch.zeros(c.head_dim))
-        self.register_buffer("inv_freq", rope_inv_freq(c.head_dim, c.rope_theta(layer)), persistent=False)
 
-    def forward(self, h, y, positions, k_cache, v_cache, ring: bool, write_cache: bool, next_norm, ops):
-        """h: residual stream [T, hidden]; y: this block's input-normed h. Returns (h, next block's y)."""
+    def forward(self, h, y, positions, rope, k_cache, v_cache, ring: bool, write_cache: bool, next_norm, ops):
+        """h: residual stream [T, hidden]; y: this block's input-normed h; rope: (cos, sin) for this layer's
+        base. Returns (h, next block's y)."""
         t = y.shape[0]
         qkv = self.qkv_proj(y)
         q, k, v = qkv.split((self.hq * self.d, self.hk * self.d, self.hk * self.d), dim=-1)
         q, k = ops.qk_norm_rope(q.view(t, self.hq, self.d), k.view(t, self.hk, self.d), self.q_norm, self.k_norm,
-                                positions, self.inv_freq, self.eps)
+                                *rope, self.eps)
         v = v.reshape(t, self.hk, self.d).contiguous()
         attn = ops.attention(q, k, v, k_cache, v_cache, positions, self.window, self.scale)
         if write_cache:  # after attention: a chunk longer than the ring still attends to its own keys
@@ -61,6 +61,11 @@ class Gemma3Model(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Gemma3Block(config, i) for i in range(config.num_hidden_layers))
         self.final_norm = nn.Parameter(torch.zeros(config.hidden_size))
+        # Explicitly on the CPU: models are built under the meta device, and buffers are not loaded weights.
+        self.register_buffer("inv_freq_local", rope_inv_freq(config.head_dim, config.rope_theta_local, "cpu"),
+                             persistent=False)
+        self.register_buffer("inv_freq_global", rope_inv_freq(config.head_dim, config.rope_theta_global, "cpu"),
+                             persistent=False)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
         self.ops = ops_module.resolve_backend(backend, "cpu")
@@ -95,13 +100,16 @@ class Gemma3Model(nn.Module):
         scale = torch.tensor(c.embed_scale, dtype=self.dtype)  # transformers rounds the scale to the dtype
         h = self.embed_tokens(input_ids) * scale.to(self.device)
         y = ops.rms_norm(h, self.layers[0].input_norm, c.rms_norm_eps)
+        rope_local = rope_cos_sin(positions, self.inv_freq_local)
+        rope_global = rope_cos_sin(positions, self.inv_freq_global)
         empty = h.new_zeros(0, c.num_key_value_heads, c.head_dim)
         for i, layer in enumerate(self.layers):
             next_norm = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.final_norm
+            rope = rope_local if layer.window else rope_global
             if cache is None:
-                h, y = layer(h, y, positions, empty, empty, False, False, next_norm, ops)
+                h, y = layer(h, y, positions, rope, empty, empty, False, False, next_norm, ops)
             else:
-                h, y = layer(h, y, positions, cache.k[i], cache.v[i], cache.ring[i], True, next_norm, ops)
+                h, y = layer(h, y, positions, rope, cache.k[i], cache.v[i], cache.ring[i], True, next_norm, ops)
         return self.lm_head(y if all_logits else y[-1:])
 
     # -- cache bookkeeping ---------------------------------------------------------------------

@@ -52,7 +52,7 @@ if EXTENSION_AVAILABLE:
         return torch.empty_like(x), torch.empty_like(x)
 
     @torch.library.register_fake(_lib + "qk_norm_rope")
-    def _(q, k, q_weight, k_weight, positions, inv_freq, eps):
+    def _(q, k, q_weight, k_weight, cos, sin, eps):
         return torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(
             k, memory_format=torch.contiguous_format)
 

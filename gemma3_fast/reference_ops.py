@@ -34,20 +34,26 @@ def rope_inv_freq(head_dim: int, theta: float, device: torch.device | str = "cpu
     return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
 
 
-def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Half-split ("neox") RoPE on fp32 x [T, H, D] at absolute positions [T]."""
-    freqs = positions.float()[:, None] * inv_freq[None, :]  # [T, D/2]
-    cos, sin = freqs.cos()[:, None, :], freqs.sin()[:, None, :]
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [T, D/2] (fp32) of the RoPE angles at absolute positions [T]: one table per forward, shared
+    by every layer with the same base."""
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    return freqs.cos(), freqs.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Half-split ("neox", rotate_half) RoPE on fp32 x [T, H, D]; NOT interleaved pairs."""
+    cos, sin = cos[:, None, :], sin[:, None, :]
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
 def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
-                 positions: torch.Tensor, inv_freq: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-head RMSNorm of q and k (weights [D]), then RoPE at `positions`. Returns new (q, k)."""
+                 cos: torch.Tensor, sin: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head RMSNorm of q and k (weights [D]), then RoPE with the tables from rope_cos_sin. Returns (q, k)."""
     qn, kn = _norm_f32(q, q_weight, eps), _norm_f32(k, k_weight, eps)
-    return apply_rope(qn, positions, inv_freq).to(q.dtype), apply_rope(kn, positions, inv_freq).to(k.dtype)
+    return apply_rope(qn, cos, sin).to(q.dtype), apply_rope(kn, cos, sin).to(k.dtype)
 
 
 def _norm_f32(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:

@@ -1,0 +1,151 @@
+// Sliding-window / global causal attention over the preallocated KV cache, flash-style: keys are visited in
+// blocks with an online softmax in fp32, and no [queries, keys] mask or score matrix is materialized.
+//
+// Work item = (token, kv head, key split). The G = Hq/Hk query heads sharing a KV head are processed together,
+// so each key/value row is read once for all of them. When there are fewer (token, kv head) rows than threads
+// (decode: one row), the key range is split and the partial softmax states are merged at the end.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <vector>
+
+#include "../checks.h"
+#include "vec.h"
+
+namespace gemma3_fast {
+
+int64_t check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
+                             const at::Tensor& v_cache, const at::Tensor& positions, int64_t window) {
+  check_float_tensor(q, "q");
+  check_dim(q, 3, "q", "[tokens, q_heads, head_dim]");
+  check_contiguous(q, "q");
+  check_kv_args(k_cache, v_cache, k, v);
+  check_same_dtype(k, q, "k", "q");
+  check_same_device(k, q, "k");
+  TORCH_CHECK(k.size(0) == q.size(0), "gemma3_fast: k has ", k.size(0), " tokens but q has ", q.size(0));
+  TORCH_CHECK(k.size(2) == q.size(2), "gemma3_fast: k has head_dim ", k.size(2), " but q has ", q.size(2));
+  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "gemma3_fast: q_heads (", q.size(1),
+              ") must be a multiple of kv_heads (", k.size(1), ")");
+  TORCH_CHECK(window >= 0, "gemma3_fast: window must be >= 0 (0 = global attention), got ", window);
+  const int64_t t = q.size(0);
+  TORCH_CHECK(t > 0, "gemma3_fast: attention needs at least one query token");
+  TORCH_CHECK(positions.scalar_type() == at::kLong, "gemma3_fast: positions must be int64, got ",
+              positions.scalar_type());
+  check_shape(positions, {t}, "positions");
+  check_contiguous(positions, "positions");
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  const int64_t start = pos[0];
+  TORCH_CHECK(start >= 0, "gemma3_fast: positions[0] = ", start, " is negative");
+  for (int64_t i = 1; i < t; ++i)
+    TORCH_CHECK(pos[i] == start + i, "gemma3_fast: positions must be consecutive; positions[", i, "] = ", pos[i],
+                " after positions[0] = ", start);
+  const int64_t lo = window > 0 ? std::max<int64_t>(0, start - window + 1) : 0;
+  TORCH_CHECK(start - lo <= k_cache.size(0), "gemma3_fast: the queries need the cached keys of positions ", lo,
+              "..", start - 1, " (", start - lo, " keys) but k_cache holds only ", k_cache.size(0), " slots");
+  return start;
+}
+
+namespace {
+
+constexpr int64_t kBlock = 64;  // keys per online-softmax step
+
+template <typename T>
+void attention_kernel(const T* q, const T* k, const T* v, const T* kc, const T* vc, T* out, int64_t t, int64_t hq,
+                      int64_t hk, int64_t d, int64_t slots, int64_t start, int64_t window, float scale) {
+  const int64_t g = hq / hk;
+  const int64_t rows = t * hk;
+  const int64_t max_keys = window > 0 ? std::min(window, start + t) : start + t;
+  const int64_t threads = at::get_num_threads();
+  const int64_t splits = rows >= threads ? 1 : std::clamp<int64_t>(max_keys / 128, 1, threads);
+  const int64_t state = g * (d + 2);  // per work item: m[g], l[g], acc[g][d]
+  std::vector<float> partial(rows * splits * state);
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+  at::parallel_for(0, rows * splits, 1, [&](int64_t b, int64_t e) {
+    std::vector<float> qf(g * d), scores(g * kBlock);
+    for (int64_t item = b; item < e; ++item) {
+      const int64_t ti = item / (hk * splits), gi = (item / splits) % hk, p = item % splits;
+      const int64_t i = start + ti;  // absolute position of this query
+      const int64_t lo = window > 0 ? std::max<int64_t>(0, i - window + 1) : 0;
+      const int64_t n = i - lo + 1;
+      const int64_t jb = lo + n * p / splits, je = lo + n * (p + 1) / splits;
+      float* st = partial.data() + item * state;
+      float *m = st, *l = st + g, *acc = st + 2 * g;
+      for (int64_t h = 0; h < g; ++h) {
+        m[h] = kNegInf;
+        l[h] = 0.f;
+        const T* qrow = q + (ti * hq + gi * g + h) * d;
+        for (int64_t x = 0; x < d; ++x) qf[h * d + x] = vec::to_f32(qrow[x]) * scale;
+      }
+      std::fill(acc, acc + g * d, 0.f);
+      auto key = [&](int64_t j) { return j < start ? kc + ((j % slots) * hk + gi) * d : k + ((j - start) * hk + gi) * d; };
+      auto val = [&](int64_t j) { return j < start ? vc + ((j % slots) * hk + gi) * d : v + ((j - start) * hk + gi) * d; };
+      for (int64_t j0 = jb; j0 < je; j0 += kBlock) {
+        const int64_t nb = std::min(kBlock, je - j0);
+        for (int64_t jj = 0; jj < nb; ++jj) {
+          const T* krow = key(j0 + jj);
+          for (int64_t h = 0; h < g; ++h) scores[h * kBlock + jj] = vec::dot(qf.data() + h * d, krow, d);
+        }
+        for (int64_t h = 0; h < g; ++h) {
+          float* s = scores.data() + h * kBlock;
+          float mnew = m[h];
+          for (int64_t jj = 0; jj < nb; ++jj) mnew = std::max(mnew, s[jj]);
+          const float corr = std::exp(m[h] - mnew);  // 0 on the first block (m = -inf)
+          l[h] *= corr;
+          vec::scale(acc + h * d, corr, d);
+          for (int64_t jj = 0; jj < nb; ++jj) {
+            s[jj] = std::exp(s[jj] - mnew);
+            l[h] += s[jj];
+          }
+          m[h] = mnew;
+        }
+        for (int64_t jj = 0; jj < nb; ++jj) {
+          const T* vrow = val(j0 + jj);
+          for (int64_t h = 0; h < g; ++h) vec::axpy(acc + h * d, scores[h * kBlock + jj], vrow, d);
+        }
+      }
+    }
+  });
+
+  // Merge the splits: out = sum_p acc_p e^(m_p - M) / sum_p l_p e^(m_p - M).
+  at::parallel_for(0, rows * g, 4, [&](int64_t b, int64_t e) {
+    std::vector<float> o(d);
+    for (int64_t r = b; r < e; ++r) {
+      const int64_t row = r / g, h = r % g, ti = row / hk, gi = row % hk;
+      float mmax = kNegInf;
+      for (int64_t p = 0; p < splits; ++p) mmax = std::max(mmax, partial[(row * splits + p) * state + h]);
+      float denom = 0.f;
+      std::fill(o.begin(), o.end(), 0.f);
+      for (int64_t p = 0; p < splits; ++p) {
+        const float* st = partial.data() + (row * splits + p) * state;
+        if (st[h] == kNegInf) continue;  // an empty split
+        const float w = std::exp(st[h] - mmax);
+        denom += st[g + h] * w;
+        vec::axpy(o.data(), w, st + 2 * g + h * d, d);
+      }
+      T* orow = out + (ti * hq + gi * g + h) * d;
+      const float inv = 1.f / denom;
+      for (int64_t x = 0; x < d; ++x) orow[x] = vec::from_f32<T>(o[x] * inv);
+    }
+  });
+}
+
+at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
+                         const at::Tensor& v_cache, const at::Tensor& positions, int64_t window, double scale) {
+  const int64_t start = check_attention_args(q, k, v, k_cache, v_cache, positions, window);
+  at::Tensor out = at::empty_like(q);
+  dispatch_float_bf16(q.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    attention_kernel<T>(q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), k_cache.data_ptr<T>(),
+                        v_cache.data_ptr<T>(), out.data_ptr<T>(), q.size(0), q.size(1), k.size(1), q.size(2),
+                        k_cache.size(0), start, window, static_cast<float>(scale));
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(gemma3_fast, CPU, m) { m.impl("attention", &attention_cpu); }
+
+}  // namespace gemma3_fast

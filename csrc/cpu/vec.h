@@ -1,0 +1,120 @@
+// Small SIMD helpers for the CPU kernels: fp32 math on fp32 or bf16 data.
+// AVX2+FMA when the compiler targets it, a plain scalar loop otherwise (same results up to summation order).
+#pragma once
+
+#include <c10/util/BFloat16.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define GEMMA3_AVX2 1
+#endif
+
+namespace gemma3_fast {
+namespace vec {
+
+using bf16 = c10::BFloat16;
+
+inline float to_f32(float x) { return x; }
+inline float to_f32(bf16 x) { return static_cast<float>(x); }
+template <typename T> inline T from_f32(float x) { return static_cast<T>(x); }  // bf16: round to nearest even
+
+#ifdef GEMMA3_AVX2
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const bf16* p) {
+  // bf16 is the high half of an fp32: widen to 32 bits and shift left.
+  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline void store8(bf16* p, __m256 v) {
+  // Round to nearest even, as c10::BFloat16 does (NaN payloads are not preserved; activations have none).
+  __m256i x = _mm256_castps_si256(v);
+  __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(1));
+  x = _mm256_add_epi32(x, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+  x = _mm256_srli_epi32(x, 16);
+  __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(x, x), 0xd8);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+}
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#endif
+
+// sum_i a[i] * b[i]
+template <typename TA, typename TB>
+inline float dot(const TA* a, const TB* b, int64_t n) {
+  int64_t i = 0;
+  float s = 0.f;
+#ifdef GEMMA3_AVX2
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  for (; i + 16 <= n; i += 16) {
+    acc0 = _mm256_fmadd_ps(load8(a + i), load8(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(load8(a + i + 8), load8(b + i + 8), acc1);
+  }
+  for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(load8(a + i), load8(b + i), acc0);
+  s = hsum(_mm256_add_ps(acc0, acc1));
+#endif
+  for (; i < n; ++i) s += to_f32(a[i]) * to_f32(b[i]);
+  return s;
+}
+
+template <typename T>
+inline float sum_squares(const T* x, int64_t n) { return dot(x, x, n); }
+
+// y[i] += a * x[i]
+template <typename T>
+inline void axpy(float* y, float a, const T* x, int64_t n) {
+  int64_t i = 0;
+#ifdef GEMMA3_AVX2
+  __m256 va = _mm256_set1_ps(a);
+  for (; i + 8 <= n; i += 8) store8(y + i, _mm256_fmadd_ps(va, load8(x + i), load8(y + i)));
+#endif
+  for (; i < n; ++i) y[i] += a * to_f32(x[i]);
+}
+
+// y[i] *= a
+inline void scale(float* y, float a, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] *= a;
+}
+
+// out[i] = round(x[i] * inv * (1 + w[i])): the (1 + w) RMSNorm scale, fp32 math, one rounding.
+template <typename TX, typename TW, typename TO>
+inline void norm_scale(TO* out, const TX* x, const TW* w, float inv, int64_t n) {
+  int64_t i = 0;
+#ifdef GEMMA3_AVX2
+  __m256 vinv = _mm256_set1_ps(inv), one = _mm256_set1_ps(1.f);
+  for (; i + 8 <= n; i += 8)
+    store8(out + i, _mm256_mul_ps(_mm256_mul_ps(load8(x + i), vinv), _mm256_add_ps(one, load8(w + i))));
+#endif
+  for (; i < n; ++i) out[i] = from_f32<TO>(to_f32(x[i]) * inv * (1.f + to_f32(w[i])));
+}
+
+// out[i] = round(a[i] + b[i])
+template <typename TA, typename TB, typename TO>
+inline void add(TO* out, const TA* a, const TB* b, int64_t n) {
+  int64_t i = 0;
+#ifdef GEMMA3_AVX2
+  for (; i + 8 <= n; i += 8) store8(out + i, _mm256_add_ps(load8(a + i), load8(b + i)));
+#endif
+  for (; i < n; ++i) out[i] = from_f32<TO>(to_f32(a[i]) + to_f32(b[i]));
+}
+
+// out[i] = round(x[i]) (dtype conversion of a row)
+template <typename TX, typename TO>
+inline void convert(TO* out, const TX* x, int64_t n) {
+  int64_t i = 0;
+#ifdef GEMMA3_AVX2
+  for (; i + 8 <= n; i += 8) store8(out + i, load8(x + i));
+#endif
+  for (; i < n; ++i) out[i] = from_f32<TO>(to_f32(x[i]));
+}
+
+}  // namespace vec
+}  // namespace gemma3_fast

@@ -1,0 +1,34 @@
+// Operator schemas of the gemma3_fast namespace (one TORCH_LIBRARY block) and the Python module entry point.
+// Kernels live in cpu/*.cpp and cuda/*.cu, registered per device with TORCH_LIBRARY_IMPL.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(gemma3_fast, m) {
+  // Gemma RMSNorm over the last dim: x * rsqrt(mean(x^2) + eps) * (1 + weight), fp32 math.
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  // Sandwich-norm step: h = residual + rms_norm(x, post_weight); y = rms_norm(h, pre_weight). Returns (h, y).
+  m.def("add_rms_norm(Tensor x, Tensor residual, Tensor post_weight, Tensor pre_weight, float eps) -> (Tensor, Tensor)");
+  // Per-head RMSNorm of q [T,Hq,D] and k [T,Hk,D], then half-split RoPE with cos/sin [T,D/2] (fp32) of the
+  // tokens' angles. Returns new contiguous (q, k); q/k rows may be strided views (e.g. of a fused qkv output).
+  m.def("qk_norm_rope(Tensor q, Tensor k, Tensor q_weight, Tensor k_weight, Tensor cos, Tensor sin, "
+        "float eps) -> (Tensor, Tensor)");
+  // Writes k/v [T,Hk,D] into the preallocated caches [S,Hk,D] at slot p % S (ring) or p (linear).
+  m.def("kv_cache_write(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor positions, bool ring) -> ()");
+  // Causal attention of q [T,Hq,D] at consecutive positions over the cached keys (before positions[0]) and the
+  // new k/v [T,Hk,D]; window > 0 limits key j to i - j < window. Online softmax in fp32.
+  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor k_cache, Tensor v_cache, Tensor positions, int window, "
+        "float scale) -> Tensor");
+}
+
+// Importing gemma3_fast._C loads this library, which runs the registrations above.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "gemma3_fast compiled operators", -1,
+                                          nullptr};
+  PyObject* module = PyModule_Create(&module_def);
+#ifdef GEMMA3_WITH_CUDA
+  PyModule_AddIntConstant(module, "CUDA_BUILT", 1);
+#else
+  PyModule_AddIntConstant(module, "CUDA_BUILT", 0);
+#endif
+  return module;
+}

@@ -1,0 +1,44 @@
+"""Builds gemma3_fast._C: the CPU kernels (always) and the CUDA kernels (when a CUDA torch and nvcc are present).
+
+Build against the torch already installed: `pip install --no-build-isolation .` (an isolated build would
+download another torch, a multi-GB CUDA wheel). Environment switches:
+  GEMMA3_FAST_CUDA=1 / 0   force / skip the CUDA kernels (default: build them if torch has CUDA and nvcc exists)
+  GEMMA3_FAST_MARCH=...    -march value for the CPU kernels (default: native; e.g. x86-64-v3 for AVX2 machines)
+"""
+
+import glob
+import os
+
+from setuptools import setup
+
+import torch
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+here = os.path.dirname(os.path.abspath(__file__))
+
+
+def want_cuda() -> bool:
+    flag = os.environ.get("GEMMA3_FAST_CUDA", "auto")
+    if flag == "0":
+        return False
+    available = torch.version.cuda is not None and CUDA_HOME is not None
+    if flag == "1" and not available:
+        raise RuntimeError("GEMMA3_FAST_CUDA=1 but this torch has no CUDA or nvcc was not found (CUDA_HOME)")
+    return available
+
+
+def extension():
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    march = os.environ.get("GEMMA3_FAST_MARCH", "native")
+    # OpenMP matters: at::parallel_for is a header template that runs on one thread without it.
+    cxx = ["-O3", "-std=c++17", "-fopenmp", f"-march={march}", "-DNDEBUG"]
+    kwargs = dict(extra_link_args=["-fopenmp"], include_dirs=[os.path.join(here, "csrc")])
+    if want_cuda():
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-DGEMMA3_WITH_CUDA"]
+        return CUDAExtension("gemma3_fast._C", sources, extra_compile_args={"cxx": cxx + ["-DGEMMA3_WITH_CUDA"],
+                                                                            "nvcc": nvcc}, **kwargs)
+    return CppExtension("gemma3_fast._C", sources, extra_compile_args={"cxx": cxx}, **kwargs)
+
+
+setup(ext_modules=[extension()], cmdclass={"build_ext": BuildExtension})
