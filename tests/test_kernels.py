@@ -1,0 +1,222 @@
+"""Each compiled op against its PyTorch reference: shapes, dtypes, window edges, ring wrap, bad inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gemma3_fast import ops, reference_ops as ref
+
+pytestmark = pytest.mark.skipif(not ops.EXTENSION_AVAILABLE, reason="compiled extension not built")
+ext = torch.ops.gemma3_fast if ops.EXTENSION_AVAILABLE else None
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def assert_close_to_fp32_reference(out, ref_out_lowp, ref_fp32, dtype):
+    """fp32: tight. bf16: the kernel's error vs the fp32 reference is at most ~2x the reference's own bf16 error."""
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, ref_out_lowp, atol=2e-5, rtol=1e-5)
+        return
+    kernel_err = (out.float() - ref_fp32).abs().max().item()
+    ref_err = (ref_out_lowp.float() - ref_fp32).abs().max().item()
+    assert kernel_err <= 2 * ref_err + 1e-6, (kernel_err, ref_err)
+
+
+def randn(*shape, dtype=torch.float32, scale=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed + sum(shape))
+    return (torch.randn(*shape, generator=g) * scale).to(dtype)
+
+
+# -- RMSNorm -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 640), (7, 640), (3, 5, 256), (4, 13), (2, 1000)])
+def test_rms_norm(shape, dtype):
+    x, w = randn(*shape, dtype=dtype, scale=3), randn(shape[-1], dtype=dtype, scale=0.5)
+    out = ext.rms_norm(x, w, 1e-6)
+    assert out.dtype == dtype and out.shape == x.shape
+    assert_close_to_fp32_reference(out, ref.rms_norm(x, w, 1e-6), ref.rms_norm(x.float(), w.float(), 1e-6), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 640), (9, 640), (4, 13)])
+def test_add_rms_norm(shape, dtype):
+    x, res = randn(*shape, dtype=dtype, scale=20), randn(*shape, dtype=dtype, scale=5, seed=1)
+    wpost, wpre = randn(shape[-1], dtype=dtype, seed=2), randn(shape[-1], dtype=dtype, seed=3)
+    h, y = ext.add_rms_norm(x, res, wpost, wpre, 1e-6)
+    h_ref, y_ref = ref.add_rms_norm(x, res, wpost, wpre, 1e-6)
+    h32, y32 = ref.add_rms_norm(x.float(), res.float(), wpost.float(), wpre.float(), 1e-6)
+    assert_close_to_fp32_reference(h, h_ref, h32, dtype)
+    assert_close_to_fp32_reference(y, y_ref, y32, dtype)
+    if dtype == torch.bfloat16:  # same rounding points as the reference: bit-identical residual stream
+        torch.testing.assert_close(h, h_ref, atol=0, rtol=0)
+
+
+# -- QK-norm + RoPE --------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("t,hq,hk,d", [(1, 4, 1, 256), (7, 4, 1, 256), (33, 8, 2, 64), (3, 2, 2, 18)])
+@pytest.mark.parametrize("start", [0, 511, 512, 30000])
+def test_qk_norm_rope(t, hq, hk, d, start, dtype):
+    q, k = randn(t, hq, d, dtype=dtype, scale=4), randn(t, hk, d, dtype=dtype, scale=4, seed=5)
+    qw, kw = randn(d, dtype=dtype, scale=0.5, seed=6), randn(d, dtype=dtype, scale=0.5, seed=7)
+    positions = torch.arange(start, start + t)
+    cos, sin = ref.rope_cos_sin(positions, ref.rope_inv_freq(d, 1e6 if start > 1000 else 1e4))
+    qo, ko = ext.qk_norm_rope(q, k, qw, kw, cos, sin, 1e-6)
+    for out, r, r32 in zip((qo, ko), ref.qk_norm_rope(q, k, qw, kw, cos, sin, 1e-6),
+                           ref.qk_norm_rope(q.float(), k.float(), qw.float(), kw.float(), cos, sin, 1e-6)):
+        assert out.is_contiguous()
+        assert_close_to_fp32_reference(out, r, r32, dtype)
+
+
+def test_qk_norm_rope_strided_views_of_fused_qkv():
+    qkv = randn(5, 6 * 32)  # q: 4 heads, k: 1, v: 1, as the model's fused projection produces them
+    q, k, _ = qkv.split((128, 32, 32), dim=-1)
+    q, k = q.view(5, 4, 32), k.view(5, 1, 32)
+    assert not q.is_contiguous()
+    w = randn(32, scale=0.1)
+    cos, sin = ref.rope_cos_sin(torch.arange(5), ref.rope_inv_freq(32, 1e4))
+    for out, r in zip(ext.qk_norm_rope(q, k, w, w, cos, sin, 1e-6), ref.qk_norm_rope(q, k, w, w, cos, sin, 1e-6)):
+        torch.testing.assert_close(out, r, atol=2e-5, rtol=1e-5)
+
+
+# -- KV-cache write --------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ring,slots,start,t", [
+    (True, 8, 0, 1), (True, 8, 7, 1), (True, 8, 8, 1), (True, 8, 9, 1),  # window edges
+    (True, 8, 37, 1),  # wrap after several windows
+    (True, 8, 3, 20),  # a chunk longer than the ring: only the last 8 survive
+    (False, 64, 0, 30), (False, 64, 63, 1),
+])
+def test_kv_cache_write(ring, slots, start, t, dtype):
+    k, v = randn(t, 1, 32, dtype=dtype), randn(t, 1, 32, dtype=dtype, seed=9)
+    kc, vc = randn(slots, 1, 32, dtype=dtype, seed=10), randn(slots, 1, 32, dtype=dtype, seed=11)
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    positions = torch.arange(start, start + t)
+    assert ext.kv_cache_write(kc, vc, k, v, positions, ring) is None
+    ref.kv_cache_write(kc_ref, vc_ref, k, v, positions, ring)
+    assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)
+    assert torch.equal(kc[(start + t - 1) % slots], k[-1])
+
+
+# -- attention -------------------------------------------------------------------------------------
+W = 8  # small window: every edge case is a few tokens away
+ATTENTION_CASES = [
+    # (start, tokens, window, cache slots)
+    (0, 1, W, W),  # position 0
+    (6, 1, W, W), (7, 1, W, W), (8, 1, W, W), (9, 1, W, W),  # window - 1, window, window + 1
+    (45, 1, W, W),  # ring wrapped several times
+    (0, 20, W, 0),  # prompt longer than the window, one shot, no cache
+    (5, 20, W, W),  # chunk longer than the window after cached tokens
+    (16, 3, W, W),  # chunk across a wrap
+    (0, 1, 0, 64), (40, 1, 0, 64), (30, 17, 0, 64),  # global layer
+    (600, 1, 512, 512), (100, 128, 512, 512), (1000, 64, 0, 1100),  # real-model shapes
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("start,t,window,slots", ATTENTION_CASES)
+@pytest.mark.parametrize("hq,hk,d", [(4, 1, 32), (4, 2, 24)])
+def test_attention(start, t, window, slots, hq, hk, d, dtype):
+    if start > 500 or t > 100:
+        hq, hk, d = 4, 1, 256
+    q = randn(t, hq, d, dtype=dtype, scale=2)
+    k, v = randn(t, hk, d, dtype=dtype, seed=1), randn(t, hk, d, dtype=dtype, seed=2)
+    kc, vc = randn(slots, hk, d, dtype=dtype, seed=3), randn(slots, hk, d, dtype=dtype, seed=4)
+    positions = torch.arange(start, start + t)
+    out = ext.attention(q, k, v, kc, vc, positions, window, d ** -0.5)
+    r = ref.attention(q, k, v, kc, vc, positions, window, d ** -0.5)
+    r32 = ref.attention(q.float(), k.float(), v.float(), kc.float(), vc.float(), positions, window, d ** -0.5)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert_close_to_fp32_reference(out, r, r32, dtype)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_attention_decode_split_matches_single_thread(threads):
+    """Decode splits the key range across threads; the merged softmax must equal the unsplit one."""
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        q, k, v = randn(1, 4, 256, scale=2), randn(1, 1, 256, seed=1), randn(1, 1, 256, seed=2)
+        kc, vc = randn(2000, 1, 256, seed=3), randn(2000, 1, 256, seed=4)
+        pos = torch.tensor([1999])
+        out = ext.attention(q, k, v, kc, vc, pos, 0, 1 / 16)
+        torch.testing.assert_close(out, ref.attention(q, k, v, kc, vc, pos, 0, 1 / 16), atol=2e-6, rtol=1e-5)
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_chunked_attention_with_cache_equals_one_shot():
+    """Prefill in chunks (attend, then write the chunk into the ring) == one causal pass over all tokens."""
+    n, d = 37, 32
+    q, k, v = randn(n, 4, d), randn(n, 1, d, seed=1), randn(n, 1, d, seed=2)
+    one_shot = ext.attention(q, k, v, k.new_zeros(0, 1, d), v.new_zeros(0, 1, d), torch.arange(n), W, 0.2)
+    kc, vc = k.new_zeros(W, 1, d), v.new_zeros(W, 1, d)
+    outs = []
+    for s in range(0, n, 5):
+        pos = torch.arange(s, min(n, s + 5))
+        outs.append(ext.attention(q[pos], k[pos], v[pos], kc, vc, pos, W, 0.2))
+        ext.kv_cache_write(kc, vc, k[pos], v[pos], pos, True)
+    torch.testing.assert_close(torch.cat(outs), one_shot, atol=2e-6, rtol=1e-5)
+
+
+# -- opcheck: schemas, fake kernels, autograd registration ------------------------------------------
+def _op_samples():
+    x, w = randn(3, 64), randn(64, seed=1)
+    q, k, v = randn(4, 4, 32), randn(4, 1, 32, seed=2), randn(4, 1, 32, seed=3)
+    cos, sin = ref.rope_cos_sin(torch.arange(10, 14), ref.rope_inv_freq(32, 1e4))
+    kc, vc = randn(8, 1, 32, seed=4), randn(8, 1, 32, seed=5)
+    pos = torch.arange(10, 14)
+    return [
+        (ext.rms_norm.default, (x, w, 1e-6)),
+        (ext.add_rms_norm.default, (x, randn(3, 64, seed=6), w, w, 1e-6)),
+        (ext.qk_norm_rope.default, (q, k, w[:32], w[:32], cos, sin, 1e-6)),
+        (ext.kv_cache_write.default, (kc, vc, k, v, pos, True)),
+        (ext.attention.default, (q, k, v, kc, vc, pos, 8, 0.25)),
+    ]
+
+
+@pytest.mark.parametrize("i", range(5))
+def test_opcheck(i):
+    op, args = _op_samples()[i]
+    torch.library.opcheck(op, args)
+
+
+# -- bad inputs ------------------------------------------------------------------------------------
+def test_bad_inputs_raise_specific_errors():
+    x, w = randn(3, 64), randn(64)
+    with pytest.raises(RuntimeError, match="x must be float32 or bfloat16, got Half"):
+        ext.rms_norm(x.half(), w.half(), 1e-6)
+    with pytest.raises(RuntimeError, match=r"weight has shape \[32\], expected \[64\]"):
+        ext.rms_norm(x, w[:32], 1e-6)
+    with pytest.raises(RuntimeError, match="x must be contiguous"):
+        ext.rms_norm(randn(64, 3).t(), w, 1e-6)
+    with pytest.raises(RuntimeError, match="weight has dtype BFloat16 but x has Float"):
+        ext.rms_norm(x, w.bfloat16(), 1e-6)
+    with pytest.raises(RuntimeError, match="residual has shape"):
+        ext.add_rms_norm(x, randn(2, 64), w, w, 1e-6)
+
+    q, k, v = randn(2, 4, 32), randn(2, 1, 32), randn(2, 1, 32)
+    cos, sin = ref.rope_cos_sin(torch.arange(2), ref.rope_inv_freq(32, 1e4))
+    with pytest.raises(RuntimeError, match=r"cos has shape \[3, 16\], expected \[2, 16\]"):
+        ext.qk_norm_rope(q, k, w[:32], w[:32], torch.cat((cos, cos[:1])), sin, 1e-6)
+    with pytest.raises(RuntimeError, match="cos must be float32"):
+        ext.qk_norm_rope(q, k, w[:32], w[:32], cos.double(), sin, 1e-6)
+
+    kc, vc = randn(8, 1, 32), randn(8, 1, 32)
+    with pytest.raises(RuntimeError, match="positions must be consecutive"):
+        ext.attention(q, k, v, kc, vc, torch.tensor([3, 5]), 8, 0.1)
+    with pytest.raises(RuntimeError, match="positions must be int64"):
+        ext.attention(q, k, v, kc, vc, torch.tensor([3, 4], dtype=torch.int32), 8, 0.1)
+    with pytest.raises(RuntimeError, match="k_cache holds only 8 slots"):
+        ext.attention(q, k, v, kc, vc, torch.tensor([20, 21]), 0, 0.1)  # global layer needs 20 cached keys
+    with pytest.raises(RuntimeError, match="q_heads .3. must be a multiple of kv_heads .2."):
+        ext.attention(randn(2, 3, 32), randn(2, 2, 32), randn(2, 2, 32), randn(8, 2, 32), randn(8, 2, 32),
+                      torch.tensor([0, 1]), 8, 0.1)
+    with pytest.raises(RuntimeError, match="window must be >= 0"):
+        ext.attention(q, k, v, kc, vc, torch.tensor([0, 1]), -1, 0.1)
+    with pytest.raises(RuntimeError, match=r"v_cache has shape \[8, 1, 16\], expected \[8, 1, 32\]"):
+        ext.kv_cache_write(kc, randn(8, 1, 16), k, v, torch.tensor([0, 1]), True)
+    with pytest.raises(RuntimeError, match="outside the linear cache of 8 slots"):
+        ext.kv_cache_write(kc, vc, k, v, torch.tensor([7, 8]), False)
+    with pytest.raises(RuntimeError, match="k_cache has dtype BFloat16 but k has Float"):
+        ext.kv_cache_write(kc.bfloat16(), vc.bfloat16(), k, v, torch.tensor([0, 1]), True)

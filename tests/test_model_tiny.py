@@ -1,0 +1,106 @@
+"""The whole model on a tiny random config (window 8): cache wrap, chunked prefill, backends, transformers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gemma3_fast import ops
+from gemma3_fast.loading import load_model_and_tokenizer
+from tests.conftest import TINY_WINDOW
+
+BACKENDS = ["reference"] + (["extension"] if ops.EXTENSION_AVAILABLE else [])
+N = 3 * TINY_WINDOW + 5  # a prompt several windows long
+
+
+def prompt(n=N, seed=0):
+    return torch.randint(6, 300, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def load_tiny(folder, backend="reference", dtype="float32"):
+    return load_model_and_tokenizer(folder, dtype, "cpu", backend)[0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("chunk", [1, 3, TINY_WINDOW, 13])
+def test_chunked_prefill_equals_one_shot_and_no_cache(tiny_folder, backend, chunk):
+    model = load_tiny(tiny_folder, backend)
+    ids = prompt()
+    with torch.inference_mode():
+        full = model(ids, torch.arange(N), None, all_logits=True)
+    one_shot = model.prefill(ids, model.new_cache(N), 0, all_logits=True)
+    chunked = model.prefill(ids, model.new_cache(N), chunk, all_logits=True)
+    torch.testing.assert_close(one_shot, full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(chunked, full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decode_across_window_edges_matches_full_forward(tiny_folder, backend):
+    """Prefill 3 tokens, then decode one at a time through positions window-1, window, window+1 and several
+    ring wraps: every step's logits equal a cache-free forward of the whole sequence."""
+    model = load_tiny(tiny_folder, backend)
+    ids = prompt()
+    with torch.inference_mode():
+        full = model(ids, torch.arange(N), None, all_logits=True)
+    cache = model.new_cache(N)
+    steps = [model.prefill(ids[:3], cache)]
+    for i in range(3, N):
+        steps.append(model.decode(ids[i:i + 1], cache))
+    assert cache.seq_len == N
+    torch.testing.assert_close(torch.cat(steps), full[2:], atol=1e-5, rtol=1e-5)
+
+
+def test_no_tensor_grows_during_decoding(tiny_folder):
+    model = load_tiny(tiny_folder)
+    cache = model.new_cache(N)
+    ptrs = [(k.data_ptr(), k.shape) for k in cache.k]
+    assert [k.shape[0] for k in cache.k] == [TINY_WINDOW, TINY_WINDOW, N, TINY_WINDOW]  # rings and a full cache
+    model.prefill(prompt()[:5], cache)
+    for i in range(N - 5):
+        model.decode(torch.tensor([7]), cache)
+    assert [(k.data_ptr(), k.shape) for k in cache.k] == ptrs
+    with pytest.raises(ValueError, match="exceed the KV cache"):
+        model.decode(torch.tensor([7]), cache)
+
+
+@pytest.mark.skipif(not ops.EXTENSION_AVAILABLE, reason="compiled extension not built")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_extension_matches_reference_model(tiny_folder, dtype):
+    ext, ref = load_tiny(tiny_folder, "extension", dtype), load_tiny(tiny_folder, "reference", dtype)
+    ids = prompt()
+    out_ext = ext.prefill(ids, ext.new_cache(N), 5, all_logits=True).float()
+    out_ref = ref.prefill(ids, ref.new_cache(N), 5, all_logits=True).float()
+    tol = 1e-4 if dtype == "float32" else 0.15 * out_ref.abs().max().item()
+    torch.testing.assert_close(out_ext, out_ref, atol=tol, rtol=0)
+    if dtype == "float32":
+        assert torch.equal(out_ext.argmax(-1), out_ref.argmax(-1))
+
+
+def test_matches_transformers_on_tiny_random_weights(tiny_folder):
+    """Config mapping, weight names, norms, window and both RoPE bases against the oracle (no real weights)."""
+    from transformers import Gemma3ForCausalLM
+
+    hf = Gemma3ForCausalLM.from_pretrained(tiny_folder, torch_dtype=torch.float32, attn_implementation="eager")
+    ours = load_tiny(tiny_folder, BACKENDS[-1])
+    ids = prompt()
+    with torch.inference_mode():
+        expected = hf(ids[None]).logits[0]
+    got = ours.prefill(ids, ours.new_cache(N), 0, all_logits=True)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not ops.EXTENSION_AVAILABLE, reason="compiled extension not built")
+def test_torch_compile_fullgraph_decode_step(tiny_folder):
+    """The custom ops have fake kernels, so a decode step compiles as one graph and gives the eager result."""
+    model = load_tiny(tiny_folder, "extension")
+    ids = prompt(12)
+    cache_eager, cache_compiled = model.new_cache(16), model.new_cache(16)
+    model.prefill(ids, cache_eager)
+    model.prefill(ids, cache_compiled)
+    step = torch.compile(model.forward, fullgraph=True, dynamic=False)
+    tok, pos = torch.tensor([42]), torch.tensor([12])
+    with torch.inference_mode():
+        eager = model(tok, pos, cache_eager)
+        compiled = step(tok, pos, cache_compiled)
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cache_compiled.k[0], cache_eager.k[0])  # the in-place cache write happened
