@@ -220,3 +220,4 @@ def test_bad_inputs_raise_specific_errors():
         ext.kv_cache_write(kc, vc, k, v, torch.tensor([7, 8]), False)
     with pytest.raises(RuntimeError, match="k_cache has dtype BFloat16 but k has Float"):
         ext.kv_cache_write(kc.bfloat16(), vc.bfloat16(), k, v, torch.tensor([0, 1]), True)
+
