@@ -18,6 +18,9 @@ TORCH_LIBRARY(gemma3_fast, m) {
   // new k/v [T,Hk,D]; window > 0 limits key j to i - j < window. Online softmax in fp32.
   m.def("attention(Tensor q, Tensor k, Tensor v, Tensor k_cache, Tensor v_cache, Tensor positions, int window, "
         "float scale) -> Tensor");
+  // y = x @ weight^T, weight [N,K] in fp32, bf16, or int8 with per-row fp32 scales [N]; fp32 accumulation,
+  // output in x's dtype. Few tokens: bandwidth-bound AVX2 kernel; many: fp32 sgemm.
+  m.def("linear(Tensor x, Tensor weight, Tensor? scales=None) -> Tensor");
 }
 
 // Importing gemma3_fast._C loads this library, which runs the registrations above.

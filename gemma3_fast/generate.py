@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="float16 is refused: Gemma 3 overflows it")
     p.add_argument("--backend", default="auto", choices=["auto", "extension", "reference"],
                    help="extension = compiled C++/CUDA kernels, reference = pure PyTorch")
+    p.add_argument("--quantize", default="none", choices=["none", "int8"],
+                   help="int8: weight-only int8 (per-row scales) for all linear layers and the output head")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in Gemma's chat template (-it models)")
     p.add_argument("--prefill-chunk", type=int, default=0, help="prefill in chunks of N tokens (0 = one shot)")
     p.add_argument("--no-stream", action="store_true", help="print the text once, at the end")
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("the prompt is empty")
 
     try:
-        lm = load(args.model, args.dtype, args.device, args.backend, quiet=False)
+        lm = load(args.model, args.dtype, args.device, args.backend, quiet=False, quantize=args.quantize)
         kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                       top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                       seed=args.seed, chat=args.chat, prefill_chunk=args.prefill_chunk)
@@ -67,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gemma3_fast: error: {e}", file=sys.stderr)
         return 1
     stats = lm.last_stats
-    print(f"[{lm.model.ops.name} backend, {args.dtype}, {lm.model.device}] {stats.summary()}", file=sys.stderr)
+    quant = ", int8 weights" if args.quantize == "int8" else ""
+    print(f"[{lm.model.ops.name} backend, {args.dtype}{quant}, {lm.model.device}] {stats.summary()}", file=sys.stderr)
     return 0
 
 

@@ -133,7 +133,9 @@ class Gemma3LM:
 
 
 def load(model: str | Path | None = None, dtype: str | torch.dtype = "float32", device: str = "auto",
-         backend: str = "auto", quiet: bool = True) -> Gemma3LM:
-    """Load a Hugging Face folder, a .gguf file, or (model=None) the default Gemma 3 270M."""
-    m, tok = load_model_and_tokenizer(model, dtype, device, backend, quiet=quiet)
+         backend: str = "auto", quiet: bool = True, quantize: str = "none") -> Gemma3LM:
+    """Load a Hugging Face folder, a .gguf file, or (model=None) the default Gemma 3 270M.
+
+    quantize="int8" stores every linear layer and the output head as int8 with per-row scales."""
+    m, tok = load_model_and_tokenizer(model, dtype, device, backend, quiet=quiet, quantize=quantize)
     return Gemma3LM(m, tok)

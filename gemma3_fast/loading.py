@@ -17,6 +17,7 @@ import torch
 from .config import Gemma3Config
 from .gguf_import import GGUFFile
 from .model import Gemma3Model
+from .quantize import QUANT_MODES, quantize_model
 from .tokenizer import GemmaTokenizer
 from .weights import WeightsError, build_model, open_safetensors_folder, resolve_dtype
 
@@ -91,7 +92,9 @@ def default_model_dir(quiet: bool = False) -> Path:
 
 def load_model_and_tokenizer(source: str | Path | None = None, dtype: str | torch.dtype = "float32",
                              device: str | torch.device = "auto", backend: str = "auto",
-                             quiet: bool = True) -> tuple[Gemma3Model, GemmaTokenizer]:
+                             quiet: bool = True, quantize: str = "none") -> tuple[Gemma3Model, GemmaTokenizer]:
+    if quantize not in QUANT_MODES:
+        raise ValueError(f"quantize must be one of {QUANT_MODES}, got {quantize!r}")
     torch_dtype = resolve_dtype(dtype)
     dev = resolve_device(device)
     path = default_model_dir(quiet=quiet) if source is None else Path(source)
@@ -111,6 +114,7 @@ def load_model_and_tokenizer(source: str | Path | None = None, dtype: str | torc
     else:
         raise WeightsError(f"{path}: expected a Hugging Face folder (config.json, model.safetensors, tokenizer.json) "
                            "or a .gguf file")
+    quantize_model(model, quantize)
     if tokenizer.vocab_size > config.vocab_size:
         raise WeightsError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                            f"{config.vocab_size}")

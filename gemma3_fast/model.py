@@ -17,6 +17,18 @@ from .kv_cache import KVCache
 from .reference_ops import rope_cos_sin, rope_inv_freq
 
 
+class Linear(nn.Module):
+    """y = x @ W^T through the op set; W is fp32/bf16, or int8 with per-row fp32 `scales` (see quantize.py)."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.register_buffer("scales", None)
+
+    def forward(self, x: torch.Tensor, ops) -> torch.Tensor:
+        return ops.linear(x, self.weight, self.scales)
+
+
 class Gemma3Block(nn.Module):
     def __init__(self, config: Gemma3Config, layer: int):
         super().__init__()
@@ -25,10 +37,10 @@ class Gemma3Block(nn.Module):
         self.eps = c.rms_norm_eps
         self.scale = c.attn_scale
         self.window = c.sliding_window if c.is_sliding(layer) else 0  # 0 = global attention
-        self.qkv_proj = nn.Linear(c.hidden_size, (self.hq + 2 * self.hk) * self.d, bias=False)
-        self.o_proj = nn.Linear(self.hq * self.d, c.hidden_size, bias=False)
-        self.gate_up_proj = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+        self.qkv_proj = Linear(c.hidden_size, (self.hq + 2 * self.hk) * self.d)
+        self.o_proj = Linear(self.hq * self.d, c.hidden_size)
+        self.gate_up_proj = Linear(c.hidden_size, 2 * c.intermediate_size)
+        self.down_proj = Linear(c.intermediate_size, c.hidden_size)
         for name in ("input_norm", "post_attn_norm", "pre_ff_norm", "post_ff_norm"):
             setattr(self, name, nn.Parameter(torch.zeros(c.hidden_size)))
         self.q_norm = nn.Parameter(torch.zeros(c.head_dim))
@@ -38,7 +50,7 @@ class Gemma3Block(nn.Module):
         """h: residual stream [T, hidden]; y: this block's input-normed h; rope: (cos, sin) for this layer's
         base. Returns (h, next block's y)."""
         t = y.shape[0]
-        qkv = self.qkv_proj(y)
+        qkv = self.qkv_proj(y, ops)
         q, k, v = qkv.split((self.hq * self.d, self.hk * self.d, self.hk * self.d), dim=-1)
         q, k = ops.qk_norm_rope(q.view(t, self.hq, self.d), k.view(t, self.hk, self.d), self.q_norm, self.k_norm,
                                 *rope, self.eps)
@@ -46,10 +58,10 @@ class Gemma3Block(nn.Module):
         attn = ops.attention(q, k, v, k_cache, v_cache, positions, self.window, self.scale)
         if write_cache:  # after attention: a chunk longer than the ring still attends to its own keys
             ops.kv_cache_write(k_cache, v_cache, k, v, positions, ring)
-        h, y = ops.add_rms_norm(self.o_proj(attn.view(t, self.hq * self.d)), h, self.post_attn_norm,
+        h, y = ops.add_rms_norm(self.o_proj(attn.view(t, self.hq * self.d), ops), h, self.post_attn_norm,
                                 self.pre_ff_norm, self.eps)
-        gate, up = self.gate_up_proj(y).chunk(2, dim=-1)
-        mlp = self.down_proj(F.gelu(gate, approximate="tanh") * up)
+        gate, up = self.gate_up_proj(y, ops).chunk(2, dim=-1)
+        mlp = self.down_proj(F.gelu(gate, approximate="tanh") * up, ops)
         return ops.add_rms_norm(mlp, h, self.post_ff_norm, next_norm, self.eps)
 
 
@@ -66,12 +78,13 @@ class Gemma3Model(nn.Module):
                              persistent=False)
         self.register_buffer("inv_freq_global", rope_inv_freq(config.head_dim, config.rope_theta_global, "cpu"),
                              persistent=False)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size)
         self.tie_weights()
         self.ops = ops_module.resolve_backend(backend, "cpu")
 
     def tie_weights(self) -> None:
-        self.lm_head.weight = self.embed_tokens.weight
+        if self.lm_head.scales is None:  # an int8 head keeps its own weight; the embedding stays for lookups
+            self.lm_head.weight = self.embed_tokens.weight
 
     def set_backend(self, backend: str) -> None:
         self.backend = backend
@@ -110,7 +123,7 @@ class Gemma3Model(nn.Module):
                 h, y = layer(h, y, positions, rope, empty, empty, False, False, next_norm, ops)
             else:
                 h, y = layer(h, y, positions, rope, cache.k[i], cache.v[i], cache.ring[i], True, next_norm, ops)
-        return self.lm_head(y if all_logits else y[-1:])
+        return self.lm_head(y if all_logits else y[-1:], ops)
 
     # -- cache bookkeeping ---------------------------------------------------------------------
     def _positions(self, cache: KVCache, n: int) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 
 from . import reference_ops
 
-OP_NAMES = ("rms_norm", "add_rms_norm", "qk_norm_rope", "kv_cache_write", "attention")
+OP_NAMES = ("rms_norm", "add_rms_norm", "qk_norm_rope", "kv_cache_write", "attention", "linear")
 BACKENDS = ("auto", "extension", "reference")
 
 try:
@@ -37,7 +37,7 @@ except ImportError as e:  # package used from a checkout without a build, or a b
 
 
 def cuda_kernels_built() -> bool:
-    return EXTENSION_AVAILABLE and bool(torch.ops.gemma3_fast.cuda_built())
+    return EXTENSION_AVAILABLE and bool(_C.CUDA_BUILT)
 
 
 if EXTENSION_AVAILABLE:
@@ -63,6 +63,10 @@ if EXTENSION_AVAILABLE:
     @torch.library.register_fake(_lib + "attention")
     def _(q, k, v, k_cache, v_cache, positions, window, scale):
         return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake(_lib + "linear")
+    def _(x, weight, scales=None):
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
     # Devices with no compiled kernel (Apple's MPS) run the reference through the same op.
     for _name in OP_NAMES:

@@ -12,6 +12,7 @@ All math runs in fp32 and is cast back to the input dtype once, at the end.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -106,3 +107,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.
     probs = torch.softmax(scores, dim=-1)
     out = torch.einsum("kgtl,lkd->tkgd", probs, vals)
     return out.reshape(t, hq, d).to(q.dtype)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight^T in x's dtype; an int8 weight is dequantized with its per-output-row scales first."""
+    if scales is None:
+        return F.linear(x, weight.to(x.dtype))
+    return F.linear(x, (weight.float() * scales[:, None]).to(x.dtype))

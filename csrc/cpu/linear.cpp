@@ -1,0 +1,218 @@
+// y = x @ W^T for weights kept in fp32, bf16, or int8 with one fp32 scale per output row (weight-only quant).
+//
+// Decode (a few tokens) is a matrix-vector product bound by memory bandwidth: every weight byte is read once
+// per token, so the kernel streams rows of W once, converts them to fp32 in registers, and reuses x from L1.
+// Prefill (many tokens) is compute bound: the weight is converted to fp32 once per call and handed to the
+// BLAS sgemm, which on AVX2 is far faster than any bf16 or int8 matmul available there.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <vector>
+
+#include "../checks.h"
+#include "vec.h"
+
+namespace gemma3_fast {
+namespace {
+
+constexpr int64_t kMaxGemvTokens = 8;  // up to here the bandwidth-bound kernel wins; beyond, sgemm
+
+inline float to_f32_w(int8_t x) { return static_cast<float>(x); }
+inline float to_f32_w(float x) { return x; }
+inline float to_f32_w(vec::bf16 x) { return static_cast<float>(x); }
+
+// The activation row, prepared once per call in the form each weight type's inner loop wants.
+struct PreparedX {
+  std::vector<float> deinterleaved;  // bf16 weights: per 16 inputs, the 8 even then the 8 odd ones
+  std::vector<int16_t> q;            // int8 weights: x quantized to int16 ...
+  float q_scale = 0.f;               // ... with x ~= q * q_scale
+};
+
+#ifdef GEMMA3_AVX2
+// Rows are short (640 inputs): 4 rows at a time would start 4 short streams that the hardware prefetcher
+// barely ramps up on, so each step also asks for the same bytes of the next 4-row block.
+constexpr int64_t kPrefetchRows = 4;  // how far ahead, in rows
+template <typename TW>
+inline void prefetch_next_block(const TW* w, int64_t k, int64_t i) {
+  for (int j = 0; j < 4; ++j) _mm_prefetch(reinterpret_cast<const char*>(w + (kPrefetchRows + j) * k + i), _MM_HINT_T0);
+}
+#endif
+
+// Scalar tail and fallback: dot(x[i0:k], w[i0:k]) in fp32.
+template <typename TW>
+inline float dot_tail(const float* x, const TW* w, int64_t i0, int64_t k) {
+  float s = 0.f;
+  for (int64_t i = i0; i < k; ++i) s += x[i] * to_f32_w(w[i]);
+  return s;
+}
+
+// dot(x, W[r + j]) for j < 4; the vector loops cover a prefix, dot_tail the rest.
+inline void dot4(const float* x, const PreparedX&, const float* w, int64_t k, float s[4]) {
+  int64_t i = 0;
+#ifdef GEMMA3_AVX2
+  __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  for (; i + 8 <= k; i += 8) {
+    const __m256 xv = _mm256_loadu_ps(x + i);
+    if (i % 16 == 0) prefetch_next_block(w, k, i);
+    for (int j = 0; j < 4; ++j) a[j] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w + j * k + i), a[j]);
+  }
+  for (int j = 0; j < 4; ++j) s[j] = vec::hsum(a[j]);
+#else
+  for (int j = 0; j < 4; ++j) s[j] = 0.f;
+#endif
+  for (int j = 0; j < 4; ++j) s[j] += dot_tail(x, w + j * k, i, k);
+}
+
+inline void dot4(const float* x, const PreparedX& px, const vec::bf16* w, int64_t k, float s[4]) {
+  int64_t i = 0;
+#ifdef GEMMA3_AVX2
+  // 16 bf16 weights = 8 lanes of (even, odd) pairs: the even one shifted up and the odd one masked are each
+  // an fp32 vector, so no widening shuffle is needed (x was de-interleaved to match).
+  const __m256i hi = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
+  __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  const float* xd = px.deinterleaved.data();
+  for (; i + 16 <= k; i += 16) {
+    const __m256 xe = _mm256_loadu_ps(xd + i), xo = _mm256_loadu_ps(xd + i + 8);
+    if (i % 32 == 0) prefetch_next_block(w, k, i);
+    for (int j = 0; j < 4; ++j) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * k + i));
+      a[j] = _mm256_fmadd_ps(xe, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), a[j]);
+      a[j] = _mm256_fmadd_ps(xo, _mm256_castsi256_ps(_mm256_and_si256(v, hi)), a[j]);
+    }
+  }
+  for (int j = 0; j < 4; ++j) s[j] = vec::hsum(a[j]);
+#else
+  for (int j = 0; j < 4; ++j) s[j] = 0.f;
+#endif
+  for (int j = 0; j < 4; ++j) s[j] += dot_tail(x, w + j * k, i, k);
+}
+
+inline void dot4(const float* x, const PreparedX& px, const int8_t* w, int64_t k, float s[4]) {
+  int64_t i = 0;
+#ifdef GEMMA3_AVX2
+  // int16(x) * int8(w) pairs summed into int32 by pmaddwd: 16 weights per instruction. |pair| < 2^23, so the
+  // int32 lanes are moved into fp32 every 128 steps, long before they could overflow.
+  __m256 f[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  const int16_t* xq = px.q.data();
+  while (i + 16 <= k) {
+    __m256i a[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+    const int64_t stop = std::min(k - 15, i + 128 * 16);
+    for (; i < stop; i += 16) {
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + i));
+      if (i % 64 == 0) prefetch_next_block(w, k, i);
+      for (int j = 0; j < 4; ++j) {
+        const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j * k + i)));
+        a[j] = _mm256_add_epi32(a[j], _mm256_madd_epi16(xv, wv));
+      }
+    }
+    for (int j = 0; j < 4; ++j) f[j] = _mm256_add_ps(f[j], _mm256_cvtepi32_ps(a[j]));
+  }
+  for (int j = 0; j < 4; ++j) s[j] = vec::hsum(f[j]) * px.q_scale;
+#else
+  for (int j = 0; j < 4; ++j) s[j] = 0.f;
+#endif
+  for (int j = 0; j < 4; ++j) s[j] += dot_tail(x, w + j * k, i, k);
+}
+
+PreparedX prepare(const float* x, int64_t k, at::ScalarType wt) {
+  PreparedX px;
+  if (wt == at::kBFloat16) {
+    px.deinterleaved.resize(k);
+    for (int64_t i = 0; i + 16 <= k; i += 16)
+      for (int64_t j = 0; j < 8; ++j) {
+        px.deinterleaved[i + j] = x[i + 2 * j];
+        px.deinterleaved[i + 8 + j] = x[i + 2 * j + 1];
+      }
+  } else if (wt == at::kChar) {
+    float amax = 0.f;
+    for (int64_t i = 0; i < k; ++i) amax = std::max(amax, std::abs(x[i]));
+    px.q_scale = amax > 0.f ? amax / 32767.f : 1.f;
+    px.q.resize(k);
+    for (int64_t i = 0; i < k; ++i) px.q[i] = static_cast<int16_t>(std::lrint(x[i] / px.q_scale));
+  }
+  return px;
+}
+
+// out[t][r] = scale[r] * dot(x[t], W[r]) for rows [r0, r1): 4 rows at a time, so each x load feeds 4 rows.
+template <typename TW, typename TO>
+void gemv_rows(const float* x, const std::vector<PreparedX>& px, int64_t tokens, const TW* w, const float* scales,
+               TO* out, int64_t n, int64_t k, int64_t r0, int64_t r1) {
+  int64_t r = r0;
+  for (; r + 4 <= r1; r += 4)
+    for (int64_t t = 0; t < tokens; ++t) {
+      float s[4];
+      dot4(x + t * k, px[t], w + r * k, k, s);
+      for (int j = 0; j < 4; ++j) out[t * n + r + j] = vec::from_f32<TO>(scales ? s[j] * scales[r + j] : s[j]);
+    }
+  for (; r < r1; ++r)
+    for (int64_t t = 0; t < tokens; ++t) {
+      const float s = dot_tail(x + t * k, w + r * k, 0, k);
+      out[t * n + r] = vec::from_f32<TO>(scales ? s * scales[r] : s);
+    }
+}
+
+at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& scales) {
+  check_float_tensor(x, "x");
+  check_contiguous(x, "x");
+  TORCH_CHECK(x.dim() >= 1, "gemma3_fast: x must have a feature dimension, got shape ", x.sizes());
+  check_dim(weight, 2, "weight", "[out_features, in_features]");
+  check_contiguous(weight, "weight");
+  check_same_device(weight, x, "weight");
+  const int64_t k = x.size(-1), n = weight.size(0);
+  TORCH_CHECK(weight.size(1) == k, "gemma3_fast: weight has in_features ", weight.size(1), " but x has ", k,
+              " features");
+  const auto wt = weight.scalar_type();
+  if (wt == at::kChar) {
+    TORCH_CHECK(scales.has_value(), "gemma3_fast: int8 weight needs scales (one float32 per output row)");
+  } else {
+    TORCH_CHECK(wt == at::kFloat || wt == at::kBFloat16, "gemma3_fast: weight must be float32, bfloat16 or int8, got ",
+                wt);
+    TORCH_CHECK(!scales.has_value(), "gemma3_fast: scales are only for int8 weights, but weight is ", wt);
+  }
+  if (scales.has_value()) {
+    TORCH_CHECK(scales->scalar_type() == at::kFloat, "gemma3_fast: scales must be float32, got ", scales->scalar_type());
+    check_shape(*scales, {n}, "scales");
+    check_contiguous(*scales, "scales");
+    check_same_device(*scales, x, "scales");
+  }
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = n;
+  const int64_t tokens = x.numel() / k;
+
+  if (tokens > kMaxGemvTokens) {  // compute bound: fp32 sgemm on a one-off fp32 copy of the weight
+    at::Tensor w32 = weight.to(at::kFloat);
+    if (scales.has_value()) w32.mul_(scales->unsqueeze(1));
+    return at::matmul(x.to(at::kFloat), w32.t()).to(x.scalar_type());
+  }
+
+  at::Tensor out = at::empty(out_shape, x.options());
+  const at::Tensor x32 = x.to(at::kFloat).contiguous();
+  const float* xp = x32.data_ptr<float>();
+  std::vector<PreparedX> px;
+  for (int64_t t = 0; t < tokens; ++t) px.push_back(prepare(xp + t * k, k, wt));
+  const float* sp = scales.has_value() ? scales->data_ptr<float>() : nullptr;
+  // Blocks of 64 rows (a multiple of 4): enough work per task, an even split between threads.
+  const int64_t grain = 64;
+  auto run = [&](auto w_tag, auto o_tag) {
+    using TW = decltype(w_tag);
+    using TO = decltype(o_tag);
+    const TW* wp = static_cast<const TW*>(weight.data_ptr());
+    TO* op = out.data_ptr<TO>();
+    at::parallel_for(0, (n + grain - 1) / grain, 1, [&](int64_t b, int64_t e) {
+      gemv_rows<TW, TO>(xp, px, tokens, wp, sp, op, n, k, b * grain, std::min(n, e * grain));
+    });
+  };
+  dispatch_float_bf16(x.scalar_type(), [&](auto o_tag) {
+    if (wt == at::kFloat) run(float{}, o_tag);
+    else if (wt == at::kBFloat16) run(vec::bf16{}, o_tag);
+    else run(int8_t{}, o_tag);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(gemma3_fast, CPU, m) { m.impl("linear", &linear_cpu); }
+
+}  // namespace gemma3_fast
