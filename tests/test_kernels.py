@@ -221,3 +221,52 @@ def test_bad_inputs_raise_specific_errors():
     with pytest.raises(RuntimeError, match="k_cache has dtype BFloat16 but k has Float"):
         ext.kv_cache_write(kc.bfloat16(), vc.bfloat16(), k, v, torch.tensor([0, 1]), True)
 
+
+
+# -- linear (fp32 / bf16 / int8 weights) ------------------------------------------------------------
+@pytest.mark.parametrize("x_dtype", DTYPES)
+@pytest.mark.parametrize("w_kind", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("tokens,k,n", [(1, 640, 1536), (1, 2048, 640), (3, 640, 130), (1, 100, 7), (8, 37, 33),
+                                        (9, 640, 256), (64, 2048, 640)])  # decode kernel up to 8 tokens, matmul above
+def test_linear(x_dtype, w_kind, tokens, k, n):
+    from gemma3_fast.quantize import quantize_int8
+
+    x = randn(tokens, k, dtype=x_dtype, scale=3)
+    w32 = randn(n, k, seed=1) * k ** -0.5
+    if w_kind == "int8":
+        w, scales = quantize_int8(w32)
+    else:
+        w, scales = w32.to(getattr(torch, w_kind)), None
+    if x_dtype == torch.bfloat16 and w_kind == "float32":
+        w = w.to(torch.bfloat16)  # the model keeps weights in its own dtype
+    out = ext.linear(x, w, scales)
+    assert out.shape == (tokens, n) and out.dtype == x_dtype
+    r = ref.linear(x, w, scales)
+    r32 = ref.linear(x.float(), w.float() if scales is None else w, scales)
+    if x_dtype == torch.float32:
+        # int8 activations are quantized to int16 in the decode kernel: relative error ~1e-4 of max |x|
+        tol = 5e-4 * r32.abs().max().item() if w_kind == "int8" else 1e-4
+        torch.testing.assert_close(out, r32, atol=tol, rtol=1e-4)
+    else:
+        kernel_err = (out.float() - r32).abs().max().item()
+        ref_err = (r.float() - r32).abs().max().item()
+        assert kernel_err <= 2 * ref_err + 1e-3 * r32.abs().max().item(), (kernel_err, ref_err)
+
+
+def test_linear_opcheck_and_bad_inputs():
+    from gemma3_fast.quantize import quantize_int8
+
+    x, w = randn(2, 64), randn(32, 64, seed=1)
+    q, s = quantize_int8(w)
+    torch.library.opcheck(ext.linear.default, (x, w, None))
+    torch.library.opcheck(ext.linear.default, (x, q, s))
+    with pytest.raises(RuntimeError, match="weight has in_features 64 but x has 63 features"):
+        ext.linear(randn(2, 63), w)
+    with pytest.raises(RuntimeError, match="int8 weight needs scales"):
+        ext.linear(x, q)
+    with pytest.raises(RuntimeError, match="scales are only for int8 weights"):
+        ext.linear(x, w, s)
+    with pytest.raises(RuntimeError, match=r"scales has shape \[31\], expected \[32\]"):
+        ext.linear(x, q, s[:31])
+    with pytest.raises(RuntimeError, match="weight must be float32, bfloat16 or int8"):
+        ext.linear(x, w.half())

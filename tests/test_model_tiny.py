@@ -104,3 +104,22 @@ def test_torch_compile_fullgraph_decode_step(tiny_folder):
         compiled = step(tok, pos, cache_compiled)
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(cache_compiled.k[0], cache_eager.k[0])  # the in-place cache write happened
+
+
+@pytest.mark.skipif(not ops.EXTENSION_AVAILABLE, reason="compiled extension not built")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_int8_model_extension_matches_reference(tiny_folder, dtype):
+    """--quantize int8: every linear and the head become int8 + scales; both backends agree, and the result
+    stays close to the unquantized model."""
+    ext, _ = load_model_and_tokenizer(tiny_folder, dtype, "cpu", "extension", quantize="int8")
+    ref, _ = load_model_and_tokenizer(tiny_folder, dtype, "cpu", "reference", quantize="int8")
+    full = load_tiny(tiny_folder, "reference", dtype)
+    assert ext.lm_head.weight.dtype == torch.int8 and ext.layers[0].qkv_proj.weight.dtype == torch.int8
+    assert ext.embed_tokens.weight.dtype == getattr(torch, dtype)
+    ids = prompt()
+    a = ext.prefill(ids, ext.new_cache(N), 4, all_logits=True).float()
+    b = ref.prefill(ids, ref.new_cache(N), 4, all_logits=True).float()
+    c = full.prefill(ids, full.new_cache(N), 4, all_logits=True).float()
+    scale = c.abs().max().item()
+    assert (a - b).abs().max().item() <= (0.02 if dtype == "float32" else 0.1) * scale
+    assert (a - c).abs().max().item() <= 0.1 * scale

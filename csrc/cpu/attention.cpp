@@ -1,9 +1,12 @@
 // Sliding-window / global causal attention over the preallocated KV cache, flash-style: keys are visited in
 // blocks with an online softmax in fp32, and no [queries, keys] mask or score matrix is materialized.
 //
-// Work item = (token, kv head, key split). The G = Hq/Hk query heads sharing a KV head are processed together,
+// Decode (few queries): work item = (token, kv head, key split). The G = Hq/Hk query heads sharing a KV head are processed together,
 // so each key/value row is read once for all of them. When there are fewer (token, kv head) rows than threads
 // (decode: one row), the key range is split and the partial softmax states are merged at the end.
+// Prefill (many queries): blocks of 32 queries x 128 keys; scores and P @ V of a block are GEMMs, the
+// online softmax runs on the [rows, 128] score block, and masks are applied only where a block straddles
+// the causal diagonal or the window edge.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -131,15 +134,98 @@ void attention_kernel(const T* q, const T* k, const T* v, const T* kc, const T* 
   });
 }
 
+
+constexpr int64_t kPrefillMinTokens = 16;
+constexpr int64_t kQueryBlock = 32, kKeyBlock = 128;
+
+template <typename T>
+void attention_prefill_kernel(const T* q, const T* k, const T* v, const T* kc, const T* vc, T* out, int64_t t,
+                              int64_t hq, int64_t hk, int64_t d, int64_t slots, int64_t start, int64_t window,
+                              float scale) {
+  auto blob = [](float* p, int64_t r, int64_t c) { return at::from_blob(p, {r, c}, at::kFloat); };
+  const int64_t g = hq / hk;
+  const int64_t lo0 = window > 0 ? std::max<int64_t>(0, start - window + 1) : 0;
+  const int64_t nkeys = start + t - lo0;  // keys of positions lo0 .. start + t - 1
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  for (int64_t gi = 0; gi < hk; ++gi) {
+    // This KV head's keys and values as contiguous fp32 rows, cached ones gathered from the ring first.
+    std::vector<float> keys(nkeys * d), vals(nkeys * d);
+    at::parallel_for(0, nkeys, 64, [&](int64_t b, int64_t e) {
+      for (int64_t idx = b; idx < e; ++idx) {
+        const int64_t j = lo0 + idx;
+        const T* kr = j < start ? kc + ((j % slots) * hk + gi) * d : k + ((j - start) * hk + gi) * d;
+        const T* vr = j < start ? vc + ((j % slots) * hk + gi) * d : v + ((j - start) * hk + gi) * d;
+        vec::convert(keys.data() + idx * d, kr, d);
+        vec::convert(vals.data() + idx * d, vr, d);
+      }
+    });
+    const int64_t nblocks = (t + kQueryBlock - 1) / kQueryBlock;
+    at::parallel_for(0, nblocks, 1, [&](int64_t b, int64_t e) {
+      const int64_t rows_max = kQueryBlock * g;
+      std::vector<float> qb(rows_max * d), acc(rows_max * d), sc(rows_max * kKeyBlock), m(rows_max), l(rows_max);
+      for (int64_t blk = b; blk < e; ++blk) {
+        const int64_t t0 = blk * kQueryBlock, t1 = std::min(t, t0 + kQueryBlock);
+        const int64_t rows = (t1 - t0) * g;  // row r = (token t0 + r / g, head gi * g + r % g)
+        for (int64_t r = 0; r < rows; ++r) {
+          const T* qr = q + ((t0 + r / g) * hq + gi * g + r % g) * d;
+          for (int64_t x = 0; x < d; ++x) qb[r * d + x] = vec::to_f32(qr[x]) * scale;
+        }
+        std::fill(acc.begin(), acc.begin() + rows * d, 0.f);
+        std::fill(m.begin(), m.begin() + rows, kNegInf);
+        std::fill(l.begin(), l.begin() + rows, 0.f);
+        const int64_t i_first = start + t0, i_last = start + t1 - 1;
+        const int64_t j_begin = window > 0 ? std::max(lo0, i_first - window + 1) : lo0;
+        for (int64_t j0 = j_begin; j0 <= i_last; j0 += kKeyBlock) {
+          const int64_t nb = std::min(kKeyBlock, i_last + 1 - j0);
+          at::Tensor scores = blob(sc.data(), rows, nb);  // (scale * q) @ k^T for this block
+          at::mm_out(scores, blob(qb.data(), rows, d), blob(keys.data() + (j0 - lo0) * d, nb, d).t());
+          const bool needs_mask = j0 + nb - 1 > i_first || (window > 0 && i_last - j0 >= window);
+          for (int64_t r = 0; r < rows; ++r) {
+            float* s = sc.data() + r * nb;
+            const int64_t i = start + t0 + r / g;
+            if (needs_mask)
+              for (int64_t c = 0; c < nb; ++c) {
+                const int64_t j = j0 + c;
+                if (j > i || (window > 0 && i - j >= window)) s[c] = kNegInf;
+              }
+            float mx = m[r];
+            for (int64_t c = 0; c < nb; ++c) mx = std::max(mx, s[c]);
+            if (mx == kNegInf) {  // nothing visible to this row in this block
+              std::fill(s, s + nb, 0.f);
+              continue;
+            }
+            const float corr = std::exp(m[r] - mx);
+            float sum = 0.f;
+            for (int64_t c = 0; c < nb; ++c) {
+              s[c] = std::exp(s[c] - mx);
+              sum += s[c];
+            }
+            l[r] = l[r] * corr + sum;
+            m[r] = mx;
+            if (corr != 1.f) vec::scale(acc.data() + r * d, corr, d);
+          }
+          blob(acc.data(), rows, d).addmm_(scores, blob(vals.data() + (j0 - lo0) * d, nb, d));  // acc += P @ V
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          T* orow = out + ((t0 + r / g) * hq + gi * g + r % g) * d;
+          const float inv = 1.f / l[r];
+          for (int64_t x = 0; x < d; ++x) orow[x] = vec::from_f32<T>(acc[r * d + x] * inv);
+        }
+      }
+    });
+  }
+}
+
 at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
                          const at::Tensor& v_cache, const at::Tensor& positions, int64_t window, double scale) {
   const int64_t start = check_attention_args(q, k, v, k_cache, v_cache, positions, window);
   at::Tensor out = at::empty_like(q);
   dispatch_float_bf16(q.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    attention_kernel<T>(q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), k_cache.data_ptr<T>(),
-                        v_cache.data_ptr<T>(), out.data_ptr<T>(), q.size(0), q.size(1), k.size(1), q.size(2),
-                        k_cache.size(0), start, window, static_cast<float>(scale));
+    auto kernel = q.size(0) >= kPrefillMinTokens ? attention_prefill_kernel<T> : attention_kernel<T>;
+    kernel(q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), k_cache.data_ptr<T>(), v_cache.data_ptr<T>(),
+           out.data_ptr<T>(), q.size(0), q.size(1), k.size(1), q.size(2), k_cache.size(0), start, window,
+           static_cast<float>(scale));
   });
   return out;
 }

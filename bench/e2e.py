@@ -1,0 +1,302 @@
+"""End-to-end speed: gemma3_fast (extension / reference backends, fp32 / bf16 / int8) vs transformers, same
+weights (the default Gemma 3 270M), same threads, one run. Also: measured memory bandwidth and the decode
+roofline per dtype, decode speed at position ~100 vs ~4000, and int8 quality against bf16.
+
+    python bench/e2e.py                  # the README table (about 5 minutes on 2 cores)
+    python bench/e2e.py --llama-cpp      # adds llama-cpp-python on the same GGUF, if it is installed
+    python bench/e2e.py --json out.json  # also write the raw numbers
+
+Each engine runs in its own subprocess (clean peak RSS, no state shared between rows). Decode tok/s is
+1 / median step time over 128 greedy steps after a 512-token prompt (EOS ignored); prefill tok/s is the
+512-token prompt in one shot, median of 3 runs (1 when a run takes over 5 s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+TEXT = (HERE / "data" / "printing_press.txt").read_text()
+PROMPT_TOKENS, DECODE_STEPS = 512, 128
+
+ENGINES = [  # (engine, backend, dtype, quantize)
+    ("gemma3_fast", "extension", "float32", "none"),
+    ("gemma3_fast", "extension", "bfloat16", "none"),
+    ("gemma3_fast", "extension", "bfloat16", "int8"),
+    ("gemma3_fast", "reference", "float32", "none"),
+    ("gemma3_fast", "reference", "bfloat16", "none"),
+    ("transformers", "sdpa", "float32", "none"),
+    ("transformers", "sdpa", "bfloat16", "none"),
+]
+
+
+def prompt_ids(tokenizer, n: int) -> list[int]:
+    ids = tokenizer.encode(TEXT)
+    while len(ids) < n:  # long-context runs: the text again, without another BOS
+        ids += tokenizer.encode(TEXT, add_bos=False)
+    return ids[:n]
+
+
+# -- child: one engine ---------------------------------------------------------------------------------------
+def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def median_prefill(run_once) -> float:
+    times = []
+    for _ in range(3):
+        times.append(timed(run_once)[1])
+        if times[-1] > 5:
+            break
+    return statistics.median(times)
+
+
+def bench_gemma3_fast(backend, dtype, quantize, long_context):
+    from gemma3_fast.loading import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(None, dtype, "cpu", backend, quantize=quantize)
+    ids = torch.tensor(prompt_ids(tok, PROMPT_TOKENS))
+
+    def decode_speed(prompt: torch.Tensor, steps: int) -> float:
+        cache = model.new_cache(len(prompt) + steps + 1)
+        token = model.prefill(prompt, cache).argmax(-1)
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            token = model.decode(token, cache).argmax(-1)
+            times.append(time.perf_counter() - t0)
+        return 1.0 / statistics.median(times[2:])
+
+    decode_speed(ids[:16], 4)  # warm up
+    prefill_s = median_prefill(lambda: model.prefill(ids, model.new_cache(PROMPT_TOKENS)))
+    result = {"prefill_tps": PROMPT_TOKENS / prefill_s, "decode_tps": decode_speed(ids, DECODE_STEPS)}
+    if long_context:
+        far = torch.tensor(prompt_ids(tok, 3968))
+        result["decode_tps_pos100"] = decode_speed(ids[:100], 64)
+        result["decode_tps_pos4000"] = decode_speed(far, 64)
+    weight_bytes = sum(p.numel() * p.element_size() for name, p in model.named_parameters()
+                       if name.endswith("weight") and "embed_tokens" not in name)
+    if model.lm_head.weight is model.embed_tokens.weight:
+        weight_bytes += model.embed_tokens.weight.numel() * model.embed_tokens.weight.element_size()
+    result["bytes_per_token"] = weight_bytes
+    return result
+
+
+def bench_transformers(dtype):
+    from transformers import Gemma3ForCausalLM
+
+    from gemma3_fast.loading import default_model_dir
+    from gemma3_fast.tokenizer import GemmaTokenizer
+
+    folder = default_model_dir()
+    model = Gemma3ForCausalLM.from_pretrained(folder, torch_dtype=getattr(torch, dtype)).eval()
+    tok = GemmaTokenizer.from_file(folder / "tokenizer.json")
+    ids = torch.tensor([prompt_ids(tok, PROMPT_TOKENS)])
+
+    def decode_speed(prompt, steps):
+        out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+        past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            out = model(input_ids=token, past_key_values=past, use_cache=True)
+            past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            times.append(time.perf_counter() - t0)
+        return 1.0 / statistics.median(times[2:])
+
+    with torch.inference_mode():
+        decode_speed(ids[:, :16], 4)
+        prefill_s = median_prefill(lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1))
+        return {"prefill_tps": PROMPT_TOKENS / prefill_s, "decode_tps": decode_speed(ids, DECODE_STEPS)}
+
+
+def bench_llama_cpp(threads):
+    import numpy as np
+    from llama_cpp import Llama
+
+    from gemma3_fast.loading import DEFAULT_MODEL_NAME, cache_dir, default_model_dir
+    from gemma3_fast.tokenizer import GemmaTokenizer
+
+    tok = GemmaTokenizer.from_file(default_model_dir() / "tokenizer.json")
+    llm = Llama(model_path=str(cache_dir() / f"{DEFAULT_MODEL_NAME}.gguf"), n_ctx=1024, n_threads=threads,
+                n_batch=512, verbose=False)
+    ids = prompt_ids(tok, PROMPT_TOKENS)
+    llm.reset()
+    llm.eval(ids[:16])
+    llm.reset()
+    _, prefill_s = timed(lambda: llm.eval(ids))
+    times = []
+    token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    for _ in range(DECODE_STEPS):
+        t0 = time.perf_counter()
+        llm.eval([token])
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        times.append(time.perf_counter() - t0)
+    return {"prefill_tps": PROMPT_TOKENS / prefill_s, "decode_tps": 1.0 / statistics.median(times[2:])}
+
+
+def int8_quality():
+    """int8 vs bf16 (both on the extension): teacher-forced top-1 agreement and mean |Δlogit| on greedy
+    continuations, and perplexity of the shipped text."""
+    from gemma3_fast.loading import load_model_and_tokenizer
+
+    bf16, tok = load_model_and_tokenizer(None, "bfloat16", "cpu", "extension")
+    int8, _ = load_model_and_tokenizer(None, "bfloat16", "cpu", "extension", quantize="int8")
+    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
+               "The three laws of thermodynamics are", TEXT[:400]]
+    agree, total, dlogit = 0, 0, []
+    for p in prompts:
+        ids = torch.tensor(tok.encode(p))
+        cache = bf16.new_cache(len(ids) + 48)
+        seq, token = ids.tolist(), bf16.prefill(ids, cache).argmax(-1)
+        for _ in range(48):
+            seq.append(int(token))
+            token = bf16.decode(token, cache).argmax(-1)
+        full = torch.tensor(seq)
+        with torch.inference_mode():
+            a = bf16(full, torch.arange(len(full)), None, all_logits=True)[len(ids) - 1:].float()
+            b = int8(full, torch.arange(len(full)), None, all_logits=True)[len(ids) - 1:].float()
+        agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+        total += a.shape[0]
+        dlogit.append((a - b).abs().mean().item())
+
+    def perplexity(model):
+        ids = torch.tensor(tok.encode(TEXT))
+        cache, nll = model.new_cache(len(ids)), 0.0
+        for s in range(0, len(ids) - 1, 256):
+            chunk = ids[s:s + 256]
+            logits = model.prefill(chunk, cache, all_logits=True).float()
+            targets = ids[s + 1:s + 1 + len(chunk)]
+            nll += torch.nn.functional.cross_entropy(logits[:len(targets)], targets, reduction="sum").item()
+        return float(torch.exp(torch.tensor(nll / (len(ids) - 1))))
+
+    ppl_bf16, ppl_int8 = perplexity(bf16), perplexity(int8)
+    return {"top1_agreement": agree / total, "mean_abs_dlogit": statistics.mean(dlogit), "ppl_bf16": ppl_bf16,
+            "ppl_int8": ppl_int8, "ppl_ratio": ppl_int8 / ppl_bf16, "positions": total}
+
+
+def child(spec: dict) -> dict:
+    torch.set_num_threads(spec["threads"])
+    kind = spec["engine"]
+    if kind == "gemma3_fast":
+        out = bench_gemma3_fast(spec["backend"], spec["dtype"], spec["quantize"], spec["long"])
+    elif kind == "transformers":
+        out = bench_transformers(spec["dtype"])
+    elif kind == "llama.cpp":
+        out = bench_llama_cpp(spec["threads"])
+    else:
+        out = int8_quality()
+    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+# -- parent: the table ---------------------------------------------------------------------------------------
+def read_bandwidth_gbs(threads: int) -> float:
+    """Median read bandwidth of a 1 GiB fp32 sum (the buffer is written first: untouched pages read as zeros)."""
+    torch.set_num_threads(threads)
+    buf = torch.ones(256 * 2**20)
+    buf.sum()
+    times = []
+    for _ in range(7):
+        t0 = time.perf_counter()
+        buf.sum()
+        times.append(time.perf_counter() - t0)
+    return buf.numel() * 4 / statistics.median(times) / 1e9
+
+
+def run_child(spec: dict) -> dict | None:
+    r = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
+    if r.returncode != 0:
+        print(f"  {spec['engine']} {spec.get('dtype', '')}: failed\n{r.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--llama-cpp", action="store_true", help="add a llama-cpp-python row (if installed)")
+    ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--json", help="write the raw results here")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return
+
+    from gemma3_fast.loading import default_model_dir
+
+    default_model_dir(quiet=False)  # convert once, outside the timed children
+    bw = read_bandwidth_gbs(args.threads)
+    engines = [e for e in ENGINES if not (args.no_transformers and e[0] == "transformers")]
+    if args.llama_cpp:
+        engines.append(("llama.cpp", "-", "q4_k_m", "none"))
+    rows = []
+    for engine, backend, dtype, quant in engines:
+        print(f"running {engine} {backend} {dtype} {quant} ...", file=sys.stderr, flush=True)
+        spec = dict(engine=engine, backend=backend, dtype=dtype, quantize=quant, threads=args.threads,
+                    long=(engine == "gemma3_fast" and backend == "extension"))
+        res = run_child(spec)
+        if res is not None:
+            rows.append({**spec, **res})
+    quality = run_child(dict(engine="quality", threads=args.threads))
+
+    bytes_per_token = {(r["dtype"], r["quantize"]): r["bytes_per_token"] for r in rows if "bytes_per_token" in r}
+    print(f"\nMachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads, "
+          f"torch {torch.__version__}. Measured read bandwidth: {bw:.1f} GB/s.\n")
+    print("| engine | backend | weights | prefill 512 tok/s | decode tok/s | roofline tok/s | decode / roofline "
+          "| peak RSS MiB |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        weights = "int8" if r["quantize"] == "int8" else r["dtype"]
+        nbytes = bytes_per_token.get((r["dtype"], r["quantize"]))
+        roof = bw * 1e9 / nbytes if nbytes else None
+        roof_s = f"{roof:.1f}" if roof else "-"
+        ratio = f"{r['decode_tps'] / roof:.2f}" if roof else "-"
+        print(f"| {r['engine']} | {r['backend']} | {weights} | {r['prefill_tps']:.0f} | {r['decode_tps']:.1f} | "
+              f"{roof_s} | {ratio} | {r['peak_rss_mib']:.0f} |")
+
+    def find(engine, backend, dtype, quant="none"):
+        return next((r for r in rows if (r["engine"], r["backend"], r["dtype"], r["quantize"]) ==
+                     (engine, backend, dtype, quant)), None)
+
+    print()
+    for dtype in ("float32", "bfloat16"):
+        ours, hf = find("gemma3_fast", "extension", dtype), find("transformers", "sdpa", dtype)
+        if ours and hf:
+            print(f"- decode vs transformers, {dtype}: {ours['decode_tps'] / hf['decode_tps']:.2f}x")
+    hf32 = find("transformers", "sdpa", "float32")
+    for dtype, quant in (("float32", "none"), ("bfloat16", "none"), ("bfloat16", "int8")):
+        ours = find("gemma3_fast", "extension", dtype, quant)
+        if ours and hf32:
+            print(f"- prefill vs transformers fp32, ours {dtype}/{quant}: {ours['prefill_tps'] / hf32['prefill_tps']:.2f}x")
+    b16, i8 = find("gemma3_fast", "extension", "bfloat16"), find("gemma3_fast", "extension", "bfloat16", "int8")
+    if b16 and i8:
+        print(f"- int8 decode vs bf16 decode: {i8['decode_tps'] / b16['decode_tps']:.2f}x")
+    for r in rows:
+        if "decode_tps_pos4000" in r:
+            print(f"- decode at position ~4000 vs ~100, {r['dtype']}/{r['quantize']}: {r['decode_tps_pos4000']:.1f} vs "
+                  f"{r['decode_tps_pos100']:.1f} tok/s ({r['decode_tps_pos4000'] / r['decode_tps_pos100']:.2f}x)")
+    if quality:
+        print(f"- int8 vs bf16 quality: teacher-forced top-1 agreement {quality['top1_agreement']:.3f} over "
+              f"{quality['positions']} positions, mean |Δlogit| {quality['mean_abs_dlogit']:.3f}, perplexity "
+              f"{quality['ppl_int8']:.3f} vs {quality['ppl_bf16']:.3f} ({(quality['ppl_ratio'] - 1) * 100:+.2f}%)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"bandwidth_gbs": bw, "rows": rows, "quality": quality}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
