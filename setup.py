@@ -1,4 +1,5 @@
-"""Builds gemma3_fast._C: the CPU kernels (always) and the CUDA kernels (when a CUDA torch and nvcc are present).
+"""Builds gemma3_fast._C: the CPU kernels (always) and CUDA kernels from csrc/cuda/*.cu, when there are any and a
+CUDA torch and nvcc are present (this release ships none: on a GPU the ops run their PyTorch reference).
 
 Build against the torch already installed: `pip install --no-build-isolation .` (an isolated build would
 download another torch, a multi-GB CUDA wheel). Environment switches:
@@ -19,7 +20,7 @@ here = os.path.dirname(os.path.abspath(__file__))
 
 def want_cuda() -> bool:
     flag = os.environ.get("GEMMA3_FAST_CUDA", "auto")
-    if flag == "0":
+    if flag == "0" or not glob.glob("csrc/cuda/*.cu"):
         return False
     available = torch.version.cuda is not None and CUDA_HOME is not None
     if flag == "1" and not available:

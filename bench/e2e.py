@@ -70,23 +70,26 @@ def bench_gemma3_fast(backend, dtype, quantize, long_context):
     model, tok = load_model_and_tokenizer(None, dtype, "cpu", backend, quantize=quantize)
     ids = torch.tensor(prompt_ids(tok, PROMPT_TOKENS))
 
-    def decode_speed(prompt: torch.Tensor, steps: int) -> float:
-        cache = model.new_cache(len(prompt) + steps + 1)
-        token = model.prefill(prompt, cache).argmax(-1)
-        times = []
+    def decode_speeds(prompts: list[torch.Tensor], steps: int) -> list[float]:
+        """Greedy decode after each prompt, the sequences' steps interleaved so that all of them run under
+        the same machine conditions (memory bandwidth on a shared host drifts over seconds)."""
+        caches = [model.new_cache(len(p) + steps + 1) for p in prompts]
+        tokens = [model.prefill(p, c).float().argmax(-1) for p, c in zip(prompts, caches)]
+        times: list[list[float]] = [[] for _ in prompts]
         for _ in range(steps):
-            t0 = time.perf_counter()
-            token = model.decode(token, cache).argmax(-1)
-            times.append(time.perf_counter() - t0)
-        return 1.0 / statistics.median(times[2:])
+            for i, cache in enumerate(caches):
+                t0 = time.perf_counter()
+                tokens[i] = model.decode(tokens[i], cache).float().argmax(-1)  # as generation samples: in fp32
+                times[i].append(time.perf_counter() - t0)
+        return [1.0 / statistics.median(t[2:]) for t in times]
 
-    decode_speed(ids[:16], 4)  # warm up
+    decode_speeds([ids[:16]], 4)  # warm up
     prefill_s = median_prefill(lambda: model.prefill(ids, model.new_cache(PROMPT_TOKENS)))
-    result = {"prefill_tps": PROMPT_TOKENS / prefill_s, "decode_tps": decode_speed(ids, DECODE_STEPS)}
+    result = {"prefill_tps": PROMPT_TOKENS / prefill_s, "bandwidth_gbs": read_bandwidth_gbs(),
+              "decode_tps": decode_speeds([ids], DECODE_STEPS)[0]}
     if long_context:
-        far = torch.tensor(prompt_ids(tok, 3968))
-        result["decode_tps_pos100"] = decode_speed(ids[:100], 64)
-        result["decode_tps_pos4000"] = decode_speed(far, 64)
+        near, far = decode_speeds([ids[:100], torch.tensor(prompt_ids(tok, 3968))], 64)
+        result["decode_tps_pos100"], result["decode_tps_pos4000"] = near, far
     weight_bytes = sum(p.numel() * p.element_size() for name, p in model.named_parameters()
                        if name.endswith("weight") and "embed_tokens" not in name)
     if model.lm_head.weight is model.embed_tokens.weight:
@@ -120,7 +123,8 @@ def bench_transformers(dtype):
     with torch.inference_mode():
         decode_speed(ids[:, :16], 4)
         prefill_s = median_prefill(lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1))
-        return {"prefill_tps": PROMPT_TOKENS / prefill_s, "decode_tps": decode_speed(ids, DECODE_STEPS)}
+        return {"prefill_tps": PROMPT_TOKENS / prefill_s, "bandwidth_gbs": read_bandwidth_gbs(),
+                "decode_tps": decode_speed(ids, DECODE_STEPS)}
 
 
 def bench_llama_cpp(threads):
@@ -138,6 +142,7 @@ def bench_llama_cpp(threads):
     llm.eval(ids[:16])
     llm.reset()
     _, prefill_s = timed(lambda: llm.eval(ids))
+    bandwidth = read_bandwidth_gbs()
     times = []
     token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
     for _ in range(DECODE_STEPS):
@@ -145,7 +150,8 @@ def bench_llama_cpp(threads):
         llm.eval([token])
         token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
         times.append(time.perf_counter() - t0)
-    return {"prefill_tps": PROMPT_TOKENS / prefill_s, "decode_tps": 1.0 / statistics.median(times[2:])}
+    return {"prefill_tps": PROMPT_TOKENS / prefill_s, "bandwidth_gbs": bandwidth,
+            "decode_tps": 1.0 / statistics.median(times[2:])}
 
 
 def int8_quality():
@@ -203,14 +209,25 @@ def child(spec: dict) -> dict:
     return out
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 # -- parent: the table ---------------------------------------------------------------------------------------
-def read_bandwidth_gbs(threads: int) -> float:
-    """Median read bandwidth of a 1 GiB fp32 sum (the buffer is written first: untouched pages read as zeros)."""
-    torch.set_num_threads(threads)
+def read_bandwidth_gbs() -> float:
+    """Read bandwidth: the median of 9 sums over a 1 GiB fp32 buffer (written first: untouched pages read as
+    zeros). Each engine measures it in its own process right before its decode loop: on a shared host the
+    bandwidth drifts, so each row's roofline uses the bandwidth of its own moment."""
     buf = torch.ones(256 * 2**20)
     buf.sum()
     times = []
-    for _ in range(7):
+    for _ in range(9):
         t0 = time.perf_counter()
         buf.sum()
         times.append(time.perf_counter() - t0)
@@ -240,7 +257,6 @@ def main() -> None:
     from gemma3_fast.loading import default_model_dir
 
     default_model_dir(quiet=False)  # convert once, outside the timed children
-    bw = read_bandwidth_gbs(args.threads)
     engines = [e for e in ENGINES if not (args.no_transformers and e[0] == "transformers")]
     if args.llama_cpp:
         engines.append(("llama.cpp", "-", "q4_k_m", "none"))
@@ -255,19 +271,20 @@ def main() -> None:
     quality = run_child(dict(engine="quality", threads=args.threads))
 
     bytes_per_token = {(r["dtype"], r["quantize"]): r["bytes_per_token"] for r in rows if "bytes_per_token" in r}
-    print(f"\nMachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads, "
-          f"torch {torch.__version__}. Measured read bandwidth: {bw:.1f} GB/s.\n")
-    print("| engine | backend | weights | prefill 512 tok/s | decode tok/s | roofline tok/s | decode / roofline "
-          "| peak RSS MiB |")
-    print("|---|---|---|---:|---:|---:|---:|---:|")
+    print(f"\nMachine: {cpu_name()}, {os.cpu_count()} cores, {args.threads} threads, torch {torch.__version__}. "
+          "Bandwidth: median 1 GiB read, measured in each row's process.\n")
+    print("| engine | backend | weights | prefill 512 tok/s | decode tok/s | bandwidth GB/s | roofline tok/s "
+          "| decode / roofline | peak RSS MiB |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         weights = "int8" if r["quantize"] == "int8" else r["dtype"]
         nbytes = bytes_per_token.get((r["dtype"], r["quantize"]))
+        bw = r["bandwidth_gbs"]
         roof = bw * 1e9 / nbytes if nbytes else None
         roof_s = f"{roof:.1f}" if roof else "-"
         ratio = f"{r['decode_tps'] / roof:.2f}" if roof else "-"
         print(f"| {r['engine']} | {r['backend']} | {weights} | {r['prefill_tps']:.0f} | {r['decode_tps']:.1f} | "
-              f"{roof_s} | {ratio} | {r['peak_rss_mib']:.0f} |")
+              f"{bw:.1f} | {roof_s} | {ratio} | {r['peak_rss_mib']:.0f} |")
 
     def find(engine, backend, dtype, quant="none"):
         return next((r for r in rows if (r["engine"], r["backend"], r["dtype"], r["quantize"]) ==
@@ -288,14 +305,15 @@ def main() -> None:
         print(f"- int8 decode vs bf16 decode: {i8['decode_tps'] / b16['decode_tps']:.2f}x")
     for r in rows:
         if "decode_tps_pos4000" in r:
-            print(f"- decode at position ~4000 vs ~100, {r['dtype']}/{r['quantize']}: {r['decode_tps_pos4000']:.1f} vs "
-                  f"{r['decode_tps_pos100']:.1f} tok/s ({r['decode_tps_pos4000'] / r['decode_tps_pos100']:.2f}x)")
+            print(f"- decode at position ~4000 vs ~100 (steps interleaved), {r['dtype']}/{r['quantize']}: "
+                  f"{r['decode_tps_pos4000']:.1f} vs {r['decode_tps_pos100']:.1f} tok/s "
+                  f"({r['decode_tps_pos4000'] / r['decode_tps_pos100']:.2f}x)")
     if quality:
         print(f"- int8 vs bf16 quality: teacher-forced top-1 agreement {quality['top1_agreement']:.3f} over "
               f"{quality['positions']} positions, mean |Δlogit| {quality['mean_abs_dlogit']:.3f}, perplexity "
               f"{quality['ppl_int8']:.3f} vs {quality['ppl_bf16']:.3f} ({(quality['ppl_ratio'] - 1) * 100:+.2f}%)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"bandwidth_gbs": bw, "rows": rows, "quality": quality}, indent=2))
+        Path(args.json).write_text(json.dumps({"rows": rows, "quality": quality}, indent=2))
 
 
 if __name__ == "__main__":

@@ -123,3 +123,14 @@ def test_int8_model_extension_matches_reference(tiny_folder, dtype):
     scale = c.abs().max().item()
     assert (a - b).abs().max().item() <= (0.02 if dtype == "float32" else 0.1) * scale
     assert (a - c).abs().max().item() <= 0.1 * scale
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_device_matches_cpu(tiny_folder):
+    """On a GPU the ops run their PyTorch reference (no CUDA kernels are built): same logits as the CPU."""
+    cpu = load_tiny(tiny_folder, "auto")
+    gpu = load_model_and_tokenizer(tiny_folder, "float32", "cuda", "auto")[0]
+    ids = prompt()
+    a = cpu.prefill(ids, cpu.new_cache(N), 5, all_logits=True)
+    b = gpu.prefill(ids.cuda(), gpu.new_cache(N), 5, all_logits=True).cpu()
+    torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)

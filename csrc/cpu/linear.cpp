@@ -25,6 +25,7 @@ inline float to_f32_w(vec::bf16 x) { return static_cast<float>(x); }
 
 // The activation row, prepared once per call in the form each weight type's inner loop wants.
 struct PreparedX {
+  const vec::bf16* bf16_row = nullptr;  // the row itself when x is bf16 (AVX512-BF16 dot products)
   std::vector<float> deinterleaved;  // bf16 weights: per 16 inputs, the 8 even then the 8 odd ones
   std::vector<int16_t> q;            // int8 weights: x quantized to int16 ...
   float q_scale = 0.f;               // ... with x ~= q * q_scale
@@ -138,6 +139,20 @@ inline float dot1(const float* x, const PreparedX&, const float* w, int64_t k) {
 inline float dot1(const float* x, const PreparedX& px, const vec::bf16* w, int64_t k) {
   int64_t i = 0;
   float s = 0.f;
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+  // bf16 x and bf16 W: vdpbf16ps multiplies 32 pairs into fp32 sums in one instruction (exact products).
+  if (px.bf16_row != nullptr) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    for (; i + 64 <= k; i += 64) {
+      a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(px.bf16_row + i), (__m512bh)_mm512_loadu_si512(w + i));
+      a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(px.bf16_row + i + 32),
+                            (__m512bh)_mm512_loadu_si512(w + i + 32));
+    }
+    for (; i + 32 <= k; i += 32)
+      a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(px.bf16_row + i), (__m512bh)_mm512_loadu_si512(w + i));
+    return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) + dot_tail(x, w, i, k);
+  }
+#endif
 #ifdef GEMMA3_AVX2
   const __m256i hi = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
   const float* xd = px.deinterleaved.data();
@@ -178,8 +193,9 @@ inline float dot1(const float* x, const PreparedX& px, const int8_t* w, int64_t 
   return s + dot_tail(x, w, i, k);
 }
 
-PreparedX prepare(const float* x, int64_t k, at::ScalarType wt) {
+PreparedX prepare(const float* x, const vec::bf16* x_bf16, int64_t k, at::ScalarType wt) {
   PreparedX px;
+  if (wt == at::kBFloat16) px.bf16_row = x_bf16;
   if (wt == at::kBFloat16) {
     px.deinterleaved.resize(k);
     for (int64_t i = 0; i + 16 <= k; i += 16)
@@ -252,7 +268,8 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::
   const at::Tensor x32 = x.to(at::kFloat).contiguous();
   const float* xp = x32.data_ptr<float>();
   std::vector<PreparedX> px;
-  for (int64_t t = 0; t < tokens; ++t) px.push_back(prepare(xp + t * k, k, wt));
+  const vec::bf16* xb = x.scalar_type() == at::kBFloat16 ? x.data_ptr<vec::bf16>() : nullptr;
+  for (int64_t t = 0; t < tokens; ++t) px.push_back(prepare(xp + t * k, xb ? xb + t * k : nullptr, k, wt));
   const float* sp = scales.has_value() ? scales->data_ptr<float>() : nullptr;
   // Blocks of 64 rows (a multiple of 4): enough work per task, an even split between threads.
   const int64_t grain = 64;
