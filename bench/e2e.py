@@ -8,7 +8,8 @@ roofline per dtype, decode speed at position ~100 vs ~4000, and int8 quality aga
 
 Each engine runs in its own subprocess (clean peak RSS, no state shared between rows). Decode tok/s is
 1 / median step time over 128 greedy steps after a 512-token prompt (EOS ignored); prefill tok/s is the
-512-token prompt in one shot, median of 3 runs (1 when a run takes over 5 s).
+512-token prompt in one shot, median of 3 runs (1 when a run takes over 5 s). The whole list runs --rounds
+times in turn (default 3) and every number in the table is the median over the rounds.
 """
 
 from __future__ import annotations
@@ -247,6 +248,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--llama-cpp", action="store_true", help="add a llama-cpp-python row (if installed)")
     ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="run every engine this many times, in turn, and report medians (shared hosts drift)")
     ap.add_argument("--json", help="write the raw results here")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -260,19 +263,28 @@ def main() -> None:
     engines = [e for e in ENGINES if not (args.no_transformers and e[0] == "transformers")]
     if args.llama_cpp:
         engines.append(("llama.cpp", "-", "q4_k_m", "none"))
-    rows = []
-    for engine, backend, dtype, quant in engines:
-        print(f"running {engine} {backend} {dtype} {quant} ...", file=sys.stderr, flush=True)
-        spec = dict(engine=engine, backend=backend, dtype=dtype, quantize=quant, threads=args.threads,
-                    long=(engine == "gemma3_fast" and backend == "extension"))
-        res = run_child(spec)
-        if res is not None:
-            rows.append({**spec, **res})
+    runs: dict[tuple, list[dict]] = {}
+    for rnd in range(args.rounds):
+        for engine, backend, dtype, quant in engines:
+            print(f"round {rnd + 1}/{args.rounds}: {engine} {backend} {dtype} {quant} ...", file=sys.stderr, flush=True)
+            spec = dict(engine=engine, backend=backend, dtype=dtype, quantize=quant, threads=args.threads,
+                        long=(engine == "gemma3_fast" and backend == "extension"))
+            res = run_child(spec)
+            if res is not None:
+                runs.setdefault((engine, backend, dtype, quant), []).append({**spec, **res})
+    rows = []  # per engine: the median of each number over the rounds
+    for results in runs.values():
+        row = dict(results[0])
+        for key, value in results[0].items():
+            if isinstance(value, float):
+                row[key] = statistics.median(r[key] for r in results)
+        row["rounds"] = len(results)
+        rows.append(row)
     quality = run_child(dict(engine="quality", threads=args.threads))
 
     bytes_per_token = {(r["dtype"], r["quantize"]): r["bytes_per_token"] for r in rows if "bytes_per_token" in r}
     print(f"\nMachine: {cpu_name()}, {os.cpu_count()} cores, {args.threads} threads, torch {torch.__version__}. "
-          "Bandwidth: median 1 GiB read, measured in each row's process.\n")
+          f"Bandwidth: median 1 GiB read, measured in each row's process. Medians of {args.rounds} rounds.\n")
     print("| engine | backend | weights | prefill 512 tok/s | decode tok/s | bandwidth GB/s | roofline tok/s "
           "| decode / roofline | peak RSS MiB |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|")

@@ -143,3 +143,31 @@ def test_attention(benchmark, impl, shape, dt):
     fn = {"extension": ext and ext.attention, "reference": ref.attention, "builtin": builtin_attention}[impl]
     run(benchmark, f"attention-{dt}-{shape}", impl, fn, q, k, v, kc, vc, torch.arange(start, start + t), window,
         1 / 16)
+
+
+# -- linear: the decode matrix-vector product (every weight byte read once per token) and prefill -------------
+LINEAR_SHAPES = {  # name: (tokens, in_features, out_features)
+    "decode-qkv": (1, 640, 1536),
+    "decode-down": (1, 2048, 640),
+    "decode-head": (1, 640, 262144),
+    "prefill128-gate_up": (128, 640, 4096),
+}
+
+
+@pytest.mark.parametrize("impl", ["extension", "reference"])
+@pytest.mark.parametrize("shape", LINEAR_SHAPES)
+@pytest.mark.parametrize("wt", ["fp32", "bf16", "int8"])
+def test_linear(benchmark, impl, shape, wt):
+    """reference = F.linear in the model dtype (int8: dequantize, then F.linear), as torch alone would do it."""
+    from gemma3_fast.quantize import quantize_int8
+
+    t, k, n = LINEAR_SHAPES[shape]
+    dtype = torch.float32 if wt == "fp32" else torch.bfloat16
+    x, w = rnd(t, k, dtype=dtype), rnd(n, k, dtype=torch.float32)
+    scales = None
+    if wt == "int8":
+        w, scales = quantize_int8(w)
+    else:
+        w = w.to(dtype)
+    fn = {"extension": ext and ext.linear, "reference": ref.linear}[impl]
+    run(benchmark, f"linear-{wt}-{shape}", impl, fn, x, w, scales)
