@@ -92,7 +92,9 @@ def build_model(config: Gemma3Config, get_tensor: Callable[[str], torch.Tensor],
                                f"implies {shapes[short]}")
         if not t.is_floating_point():
             raise WeightsError(f"{source}: tensor {index[short]!r} has dtype {t.dtype}, expected a float type")
-        return t.to(dtype)
+        # copy=True: safetensors hands out zero-copy views of the mmapped file; reading them here puts the disk
+        # I/O into loading, not into the first prefill (seconds when the file is not in the page cache).
+        return t.to(dtype, copy=True)
 
     state = {"embed_tokens.weight": load("embed_tokens.weight"), "final_norm": load("norm.weight")}
     state["lm_head.weight"] = state["embed_tokens.weight"]  # tied
