@@ -17,7 +17,7 @@ import torch
 from .config import Gemma3Config
 from .gguf_import import GGUFFile
 from .model import Gemma3Model
-from .quantize import QUANT_MODES, quantize_model
+from .quantize import QUANT_MODES
 from .tokenizer import GemmaTokenizer
 from .weights import WeightsError, build_model, open_safetensors_folder, resolve_dtype
 
@@ -101,20 +101,19 @@ def load_model_and_tokenizer(source: str | Path | None = None, dtype: str | torc
     if path.is_dir():
         config = Gemma3Config.from_json_file(path / "config.json")
         names, get_tensor = open_safetensors_folder(path)
-        model = build_model(config, get_tensor, names, str(path), torch_dtype, dev, backend)
+        model = build_model(config, get_tensor, names, str(path), torch_dtype, dev, backend, quantize)
         tokenizer = GemmaTokenizer.from_file(path / "tokenizer.json")
     elif path.suffix == ".gguf" or (path.is_file() and path.read_bytes()[:4] == b"GGUF"):
         gg = GGUFFile(path)
         config = gg.config()
         model = build_model(config, gg.progress_reader(quiet), gg.tensor_names(), str(path), torch_dtype, dev,
-                            backend)
+                            backend, quantize)
         tokenizer = GemmaTokenizer(gg.tokenizer(), source=str(path))
     elif not path.exists():
         raise FileNotFoundError(f"model path {path} does not exist (expected a Hugging Face folder or a .gguf file)")
     else:
         raise WeightsError(f"{path}: expected a Hugging Face folder (config.json, model.safetensors, tokenizer.json) "
                            "or a .gguf file")
-    quantize_model(model, quantize)
     if tokenizer.vocab_size > config.vocab_size:
         raise WeightsError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                            f"{config.vocab_size}")

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .config import Gemma3Config
-from .model import Gemma3Model
+from .model import Gemma3Model, Linear
 
 SUPPORTED_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -72,8 +72,15 @@ def _strip_prefix(name: str) -> str | None:
 
 def build_model(config: Gemma3Config, get_tensor: Callable[[str], torch.Tensor], names: list[str], source: str,
                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                backend: str = "auto") -> Gemma3Model:
-    """Assemble a model from checkpoint tensors (HF names), reading each once via `get_tensor(name)`."""
+                backend: str = "auto", quantize: str = "none") -> Gemma3Model:
+    """Assemble a model from checkpoint tensors (HF names), reading each once via `get_tensor(name)`.
+
+    quantize="int8" quantizes each linear weight (and a copy of the embedding as the output head) as soon as it
+    is read, so the full-precision model never exists in memory at once."""
+    from .quantize import QUANT_MODES, quantize_int8
+
+    if quantize not in QUANT_MODES:
+        raise ValueError(f"quantize must be one of {QUANT_MODES}, got {quantize!r}")
     shapes = expected_hf_shapes(config)
     index = {}
     for name in names:
@@ -97,18 +104,30 @@ def build_model(config: Gemma3Config, get_tensor: Callable[[str], torch.Tensor],
         return t.to(dtype, copy=True)
 
     state = {"embed_tokens.weight": load("embed_tokens.weight"), "final_norm": load("norm.weight")}
-    state["lm_head.weight"] = state["embed_tokens.weight"]  # tied
+
+    def put_linear(name: str, weight: torch.Tensor) -> None:
+        if quantize == "int8":
+            state[name + ".weight"], state[name + ".scales"] = quantize_int8(weight)
+        else:
+            state[name + ".weight"] = weight
+
+    put_linear("lm_head", state["embed_tokens.weight"])  # tied; int8 makes its own copy, the lookup keeps dtype
     for i in range(config.num_hidden_layers):
-        p, q = f"layers.{i}.", f"layers.{i}."
-        state[q + "qkv_proj.weight"] = torch.cat([load(p + f"self_attn.{x}_proj.weight") for x in "qkv"])
-        state[q + "o_proj.weight"] = load(p + "self_attn.o_proj.weight")
-        state[q + "gate_up_proj.weight"] = torch.cat([load(p + "mlp.gate_proj.weight"), load(p + "mlp.up_proj.weight")])
-        state[q + "down_proj.weight"] = load(p + "mlp.down_proj.weight")
+        p = f"layers.{i}."
+        put_linear(p + "qkv_proj", torch.cat([load(p + f"self_attn.{x}_proj.weight") for x in "qkv"]))
+        put_linear(p + "o_proj", load(p + "self_attn.o_proj.weight"))
+        put_linear(p + "gate_up_proj", torch.cat([load(p + "mlp.gate_proj.weight"), load(p + "mlp.up_proj.weight")]))
+        put_linear(p + "down_proj", load(p + "mlp.down_proj.weight"))
         for suffix, ours in _BLOCK_NORMS.items():
-            state[q + ours] = load(p + suffix)
+            state[p + ours] = load(p + suffix)
 
     with torch.device("meta"):
         model = Gemma3Model(config, backend="reference")
+    model.requires_grad_(False)  # inference only; int8 parameters cannot require grad
+    if quantize == "int8":
+        for module in model.modules():
+            if isinstance(module, Linear):
+                module.scales = torch.empty(module.weight.shape[0], device="meta")
     model.load_state_dict(state, strict=True, assign=True)
     model.tie_weights()
     model = model.to(device)
