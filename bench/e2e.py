@@ -144,12 +144,15 @@ def bench_llama_cpp(threads):
     llm.reset()
     _, prefill_s = timed(lambda: llm.eval(ids))
     bandwidth = read_bandwidth_gbs()
+    def last_logits_argmax() -> int:  # greedy, like the other engines (llama.cpp keeps only the last logits)
+        return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))))
+
     times = []
-    token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    token = last_logits_argmax()
     for _ in range(DECODE_STEPS):
         t0 = time.perf_counter()
         llm.eval([token])
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        token = last_logits_argmax()
         times.append(time.perf_counter() - t0)
     return {"prefill_tps": PROMPT_TOKENS / prefill_s, "bandwidth_gbs": bandwidth,
             "decode_tps": 1.0 / statistics.median(times[2:])}
