@@ -31,16 +31,6 @@ struct PreparedX {
   float q_scale = 0.f;               // ... with x ~= q * q_scale
 };
 
-#ifdef GEMMA3_AVX2
-// Rows are short (640 inputs): 4 rows at a time would start 4 short streams that the hardware prefetcher
-// barely ramps up on, so each step also asks for the same bytes of the next 4-row block.
-constexpr int64_t kPrefetchRows = 4;  // how far ahead, in rows
-template <typename TW>
-inline void prefetch_next_block(const TW* w, int64_t k, int64_t i) {
-  for (int j = 0; j < 4; ++j) _mm_prefetch(reinterpret_cast<const char*>(w + (kPrefetchRows + j) * k + i), _MM_HINT_T0);
-}
-#endif
-
 // Scalar tail and fallback: dot(x[i0:k], w[i0:k]) in fp32.
 template <typename TW>
 inline float dot_tail(const float* x, const TW* w, int64_t i0, int64_t k) {
@@ -48,75 +38,6 @@ inline float dot_tail(const float* x, const TW* w, int64_t i0, int64_t k) {
   for (int64_t i = i0; i < k; ++i) s += x[i] * to_f32_w(w[i]);
   return s;
 }
-
-// dot(x, W[r + j]) for j < 4; the vector loops cover a prefix, dot_tail the rest.
-inline void dot4(const float* x, const PreparedX&, const float* w, int64_t k, float s[4]) {
-  int64_t i = 0;
-#ifdef GEMMA3_AVX2
-  __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-  for (; i + 8 <= k; i += 8) {
-    const __m256 xv = _mm256_loadu_ps(x + i);
-    if (i % 16 == 0) prefetch_next_block(w, k, i);
-    for (int j = 0; j < 4; ++j) a[j] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w + j * k + i), a[j]);
-  }
-  for (int j = 0; j < 4; ++j) s[j] = vec::hsum(a[j]);
-#else
-  for (int j = 0; j < 4; ++j) s[j] = 0.f;
-#endif
-  for (int j = 0; j < 4; ++j) s[j] += dot_tail(x, w + j * k, i, k);
-}
-
-inline void dot4(const float* x, const PreparedX& px, const vec::bf16* w, int64_t k, float s[4]) {
-  int64_t i = 0;
-#ifdef GEMMA3_AVX2
-  // 16 bf16 weights = 8 lanes of (even, odd) pairs: the even one shifted up and the odd one masked are each
-  // an fp32 vector, so no widening shuffle is needed (x was de-interleaved to match).
-  const __m256i hi = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
-  __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-  const float* xd = px.deinterleaved.data();
-  for (; i + 16 <= k; i += 16) {
-    const __m256 xe = _mm256_loadu_ps(xd + i), xo = _mm256_loadu_ps(xd + i + 8);
-    if (i % 32 == 0) prefetch_next_block(w, k, i);
-    for (int j = 0; j < 4; ++j) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * k + i));
-      a[j] = _mm256_fmadd_ps(xe, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), a[j]);
-      a[j] = _mm256_fmadd_ps(xo, _mm256_castsi256_ps(_mm256_and_si256(v, hi)), a[j]);
-    }
-  }
-  for (int j = 0; j < 4; ++j) s[j] = vec::hsum(a[j]);
-#else
-  for (int j = 0; j < 4; ++j) s[j] = 0.f;
-#endif
-  for (int j = 0; j < 4; ++j) s[j] += dot_tail(x, w + j * k, i, k);
-}
-
-inline void dot4(const float* x, const PreparedX& px, const int8_t* w, int64_t k, float s[4]) {
-  int64_t i = 0;
-#ifdef GEMMA3_AVX2
-  // int16(x) * int8(w) pairs summed into int32 by pmaddwd: 16 weights per instruction. |pair| < 2^23, so the
-  // int32 lanes are moved into fp32 every 128 steps, long before they could overflow.
-  __m256 f[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-  const int16_t* xq = px.q.data();
-  while (i + 16 <= k) {
-    __m256i a[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
-    const int64_t stop = std::min(k - 15, i + 128 * 16);
-    for (; i < stop; i += 16) {
-      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + i));
-      if (i % 64 == 0) prefetch_next_block(w, k, i);
-      for (int j = 0; j < 4; ++j) {
-        const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j * k + i)));
-        a[j] = _mm256_add_epi32(a[j], _mm256_madd_epi16(xv, wv));
-      }
-    }
-    for (int j = 0; j < 4; ++j) f[j] = _mm256_add_ps(f[j], _mm256_cvtepi32_ps(a[j]));
-  }
-  for (int j = 0; j < 4; ++j) s[j] = vec::hsum(f[j]) * px.q_scale;
-#else
-  for (int j = 0; j < 4; ++j) s[j] = 0.f;
-#endif
-  for (int j = 0; j < 4; ++j) s[j] += dot_tail(x, w + j * k, i, k);
-}
-
 
 // One row at a time: the weight matrix is then read as one sequential stream per thread, which the hardware
 // prefetcher follows at full speed (4 interleaved row streams of 640-2560 bytes each did not ramp up).
@@ -213,7 +134,7 @@ PreparedX prepare(const float* x, const vec::bf16* x_bf16, int64_t k, at::Scalar
   return px;
 }
 
-// out[t][r] = scale[r] * dot(x[t], W[r]) for rows [r0, r1): 4 rows at a time, so each x load feeds 4 rows.
+// out[t][r] = scale[r] * dot(x[t], W[r]) for rows [r0, r1); x stays in L1 while W streams past.
 template <typename TW, typename TO>
 void gemv_rows(const float* x, const std::vector<PreparedX>& px, int64_t tokens, const TW* w, const float* scales,
                TO* out, int64_t n, int64_t k, int64_t r0, int64_t r1) {
@@ -271,7 +192,7 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::
   const vec::bf16* xb = x.scalar_type() == at::kBFloat16 ? x.data_ptr<vec::bf16>() : nullptr;
   for (int64_t t = 0; t < tokens; ++t) px.push_back(prepare(xp + t * k, xb ? xb + t * k : nullptr, k, wt));
   const float* sp = scales.has_value() ? scales->data_ptr<float>() : nullptr;
-  // Blocks of 64 rows (a multiple of 4): enough work per task, an even split between threads.
+  // Blocks of 64 rows: enough work per task, an even split between threads.
   const int64_t grain = 64;
   auto run = [&](auto w_tag, auto o_tag) {
     using TW = decltype(w_tag);
