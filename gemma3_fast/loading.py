@@ -90,6 +90,11 @@ def default_model_dir(quiet: bool = False) -> Path:
     return convert_gguf(gguf_path, folder, quiet=quiet)
 
 
+def _starts_with_gguf_magic(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(4) == b"GGUF"
+
+
 def load_model_and_tokenizer(source: str | Path | None = None, dtype: str | torch.dtype = "float32",
                              device: str | torch.device = "auto", backend: str = "auto",
                              quiet: bool = True, quantize: str = "none") -> tuple[Gemma3Model, GemmaTokenizer]:
@@ -103,7 +108,7 @@ def load_model_and_tokenizer(source: str | Path | None = None, dtype: str | torc
         names, get_tensor = open_safetensors_folder(path)
         model = build_model(config, get_tensor, names, str(path), torch_dtype, dev, backend, quantize)
         tokenizer = GemmaTokenizer.from_file(path / "tokenizer.json")
-    elif path.suffix == ".gguf" or (path.is_file() and path.read_bytes()[:4] == b"GGUF"):
+    elif path.suffix == ".gguf" or (path.is_file() and _starts_with_gguf_magic(path)):
         gg = GGUFFile(path)
         config = gg.config()
         model = build_model(config, gg.progress_reader(quiet), gg.tensor_names(), str(path), torch_dtype, dev,

@@ -80,6 +80,7 @@ class Gemma3Model(nn.Module):
                              persistent=False)
         self.lm_head = Linear(config.hidden_size, config.vocab_size)
         self.tie_weights()
+        self._embed_scale: tuple[torch.dtype, float] | None = None
         self.ops = ops_module.resolve_backend(backend, "cpu")
 
     def tie_weights(self) -> None:
@@ -98,6 +99,14 @@ class Gemma3Model(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.embed_tokens.weight.dtype
 
+    def embed_scale(self) -> float:
+        """sqrt(hidden) rounded to the weight dtype, as transformers rounds it (bf16: 25.25, fp32: 25.298).
+        The rounded value is exact in that dtype, so multiplying by the Python float gives the same result."""
+        if self._embed_scale is None or self._embed_scale[0] != self.dtype:
+            rounded = float(torch.tensor(self.config.embed_scale, dtype=self.dtype))
+            self._embed_scale = (self.dtype, rounded)
+        return self._embed_scale[1]
+
     def new_cache(self, max_len: int) -> KVCache:
         return KVCache(self.config, max_len, self.dtype, self.device)
 
@@ -110,12 +119,12 @@ class Gemma3Model(nn.Module):
         """
         ops = self.ops
         c = self.config
-        scale = torch.tensor(c.embed_scale, dtype=self.dtype)  # transformers rounds the scale to the dtype
-        h = self.embed_tokens(input_ids) * scale.to(self.device)
+        h = self.embed_tokens(input_ids) * self.embed_scale()
         y = ops.rms_norm(h, self.layers[0].input_norm, c.rms_norm_eps)
         rope_local = rope_cos_sin(positions, self.inv_freq_local)
         rope_global = rope_cos_sin(positions, self.inv_freq_global)
-        empty = h.new_zeros(0, c.num_key_value_heads, c.head_dim)
+        if cache is None:
+            empty = h.new_zeros(0, c.num_key_value_heads, c.head_dim)
         for i, layer in enumerate(self.layers):
             next_norm = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.final_norm
             rope = rope_local if layer.window else rope_global

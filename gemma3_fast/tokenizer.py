@@ -110,24 +110,29 @@ class GemmaTokenizer:
 class StreamDecoder:
     """Turns a growing list of ids into text increments.
 
-    Decoding ids one by one loses SentencePiece's leading spaces and splits multi-byte characters, so we
-    decode the whole generated sequence and emit the new suffix, holding back an incomplete character.
+    Decoding ids one by one loses SentencePiece's leading spaces and splits multi-byte characters, so each step
+    decodes a short window, from the last emitted boundary to the end, and emits what the newest ids added
+    (held back while a character is incomplete). The window keeps the cost per token constant.
     """
 
     def __init__(self, tokenizer: GemmaTokenizer):
         self.tokenizer = tokenizer
         self.ids: list[int] = []
-        self.text = ""
+        self.prefix_offset = 0  # the window starts here: the ids before it are already printed
+        self.read_offset = 0  # the ids before this one have been emitted
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):  # a byte-fallback sequence not finished yet
-            return ""
-        new, self.text = text[len(self.text):], text
-        return new
+        return self._emit(final=False)
 
     def flush(self) -> str:
-        text = self.tokenizer.decode(self.ids)
-        new, self.text = text[len(self.text):], text
-        return new
+        return self._emit(final=True)
+
+    def _emit(self, final: bool) -> str:
+        decode = self.tokenizer.decode
+        printed = decode(self.ids[self.prefix_offset:self.read_offset])
+        text = decode(self.ids[self.prefix_offset:])
+        if len(text) <= len(printed) or (text.endswith("\ufffd") and not final):
+            return ""  # nothing new, or a byte-fallback sequence not finished yet
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return text[len(printed):]

@@ -137,7 +137,7 @@ def build_model(config: Gemma3Config, get_tensor: Callable[[str], torch.Tensor],
 
 def open_safetensors_folder(folder: Path):
     """(names, get_tensor) over model.safetensors or a sharded checkpoint with its index."""
-    from safetensors import SafetensorError, safe_open
+    from safetensors import safe_open
 
     single, index_file = folder / "model.safetensors", folder / "model.safetensors.index.json"
     if single.is_file():
@@ -157,7 +157,7 @@ def open_safetensors_folder(folder: Path):
     for f in files:
         try:
             h = safe_open(str(f), framework="pt")
-        except (SafetensorError, OSError, Exception) as e:
+        except Exception as e:  # SafetensorError, OSError, or a bare Exception for a malformed header
             raise WeightsError(f"{f}: not a readable safetensors file ({e})") from None
         handles.append(h)
         for name in h.keys():

@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from gemma3_fast.config import Gemma3Config
-
-# The real model is converted once per machine into this cache (the same folder users get).
-os.environ.setdefault("GEMMA3_FAST_CACHE", str(Path.home() / ".cache" / "gemma3_fast"))
 
 TINY_WINDOW = 8
 
