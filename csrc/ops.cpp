@@ -21,6 +21,15 @@ TORCH_LIBRARY(gemma3_fast, m) {
   // y = x @ weight^T, weight [N,K] in fp32, bf16, or int8 with per-row fp32 scales [N]; fp32 accumulation,
   // output in x's dtype. Few tokens: bandwidth-bound AVX2 kernel; many: fp32 sgemm.
   m.def("linear(Tensor x, Tensor weight, Tensor? scales=None) -> Tensor");
+  // One whole block, the composition of the ops above (reference_ops.decoder_layer is its specification):
+  // y -> qkv -> qk_norm_rope -> attention (-> kv_cache_write) -> o -> add_rms_norm -> gated gelu-tanh MLP ->
+  // add_rms_norm. h: residual stream [T, hidden]; y: h after this block's input norm.
+  // weights = [qkv, o, gate_up, down] (q|k|v and gate|up fused by rows); scales: their int8 per-row scales or
+  // None; norms = [q, k, post_attn, pre_ff, post_ff, next] where next is the following block's input norm (or
+  // the final norm). Returns (h, y) for the next block.
+  m.def("decoder_layer(Tensor h, Tensor y, Tensor positions, Tensor cos, Tensor sin, Tensor(a!) k_cache, "
+        "Tensor(b!) v_cache, Tensor[] weights, Tensor?[] scales, Tensor[] norms, int num_heads, int window, "
+        "float scale, float eps, bool ring, bool write_cache) -> (Tensor, Tensor)");
 }
 
 // Importing gemma3_fast._C loads this library, which runs the registrations above.

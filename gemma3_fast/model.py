@@ -8,7 +8,6 @@ fused where that saves matmul calls: q|k|v in one projection, gate|up in another
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import ops as ops_module
@@ -48,21 +47,12 @@ class Gemma3Block(nn.Module):
 
     def forward(self, h, y, positions, rope, k_cache, v_cache, ring: bool, write_cache: bool, next_norm, ops):
         """h: residual stream [T, hidden]; y: this block's input-normed h; rope: (cos, sin) for this layer's
-        base. Returns (h, next block's y)."""
-        t = y.shape[0]
-        qkv = self.qkv_proj(y, ops)
-        q, k, v = qkv.split((self.hq * self.d, self.hk * self.d, self.hk * self.d), dim=-1)
-        q, k = ops.qk_norm_rope(q.view(t, self.hq, self.d), k.view(t, self.hk, self.d), self.q_norm, self.k_norm,
-                                *rope, self.eps)
-        v = v.reshape(t, self.hk, self.d).contiguous()
-        attn = ops.attention(q, k, v, k_cache, v_cache, positions, self.window, self.scale)
-        if write_cache:  # after attention: a chunk longer than the ring still attends to its own keys
-            ops.kv_cache_write(k_cache, v_cache, k, v, positions, ring)
-        h, y = ops.add_rms_norm(self.o_proj(attn.view(t, self.hq * self.d), ops), h, self.post_attn_norm,
-                                self.pre_ff_norm, self.eps)
-        gate, up = self.gate_up_proj(y, ops).chunk(2, dim=-1)
-        mlp = self.down_proj(F.gelu(gate, approximate="tanh") * up, ops)
-        return ops.add_rms_norm(mlp, h, self.post_ff_norm, next_norm, self.eps)
+        base. Returns (h, next block's y). The whole block is one op (see reference_ops.decoder_layer)."""
+        projections = (self.qkv_proj, self.o_proj, self.gate_up_proj, self.down_proj)
+        return ops.decoder_layer(
+            h, y, positions, *rope, k_cache, v_cache, [p.weight for p in projections], [p.scales for p in projections],
+            [self.q_norm, self.k_norm, self.post_attn_norm, self.pre_ff_norm, self.post_ff_norm, next_norm],
+            self.hq, self.window, self.scale, self.eps, ring, write_cache)
 
 
 class Gemma3Model(nn.Module):

@@ -15,7 +15,7 @@ import torch
 
 from . import reference_ops
 
-OP_NAMES = ("rms_norm", "add_rms_norm", "qk_norm_rope", "kv_cache_write", "attention", "linear")
+OP_NAMES = ("rms_norm", "add_rms_norm", "qk_norm_rope", "kv_cache_write", "attention", "linear", "decoder_layer")
 BACKENDS = ("auto", "extension", "reference")
 
 try:
@@ -67,6 +67,11 @@ if EXTENSION_AVAILABLE:
     @torch.library.register_fake(_lib + "linear")
     def _(x, weight, scales=None):
         return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+    @torch.library.register_fake(_lib + "decoder_layer")
+    def _(h, y, positions, cos, sin, k_cache, v_cache, weights, scales, norms, num_heads, window, scale, eps, ring,
+          write_cache):
+        return torch.empty_like(h), torch.empty_like(h)
 
     # Devices with no compiled kernel (Apple's MPS) run the reference through the same op.
     for _name in OP_NAMES:

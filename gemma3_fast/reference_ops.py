@@ -114,3 +114,31 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = 
     if scales is None:
         return F.linear(x, weight.to(x.dtype))
     return F.linear(x, (weight.float() * scales[:, None]).to(x.dtype))
+
+
+def decoder_layer(h: torch.Tensor, y: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, weights: list[torch.Tensor],
+                  scales: list[torch.Tensor | None], norms: list[torch.Tensor], num_heads: int, window: int,
+                  scale: float, eps: float, ring: bool, write_cache: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One Gemma 3 block. h: residual stream [T, hidden]; y: h after this block's input norm.
+
+    weights = [qkv, o, gate_up, down] (q|k|v and gate|up fused by rows), scales = their int8 per-row scales
+    (or None), norms = [q, k, post_attn, pre_ff, post_ff, next]: `next` is the following block's input norm (the
+    final norm after the last block), so the returned y is ready for the next block. Returns (h, y).
+    """
+    w_qkv, w_o, w_gate_up, w_down = weights
+    s_qkv, s_o, s_gate_up, s_down = scales
+    q_norm, k_norm, post_attn_norm, pre_ff_norm, post_ff_norm, next_norm = norms
+    t, d = y.shape[0], q_norm.shape[0]
+    qkv = linear(y, w_qkv, s_qkv)
+    hk = (qkv.shape[-1] // d - num_heads) // 2
+    q, k, v = qkv.split((num_heads * d, hk * d, hk * d), dim=-1)
+    q, k = qk_norm_rope(q.view(t, num_heads, d), k.view(t, hk, d), q_norm, k_norm, cos, sin, eps)
+    v = v.reshape(t, hk, d)
+    attn = attention(q, k, v, k_cache, v_cache, positions, window, scale)
+    if write_cache:  # after attention: a chunk longer than the ring still attends to its own keys
+        kv_cache_write(k_cache, v_cache, k, v, positions, ring)
+    h, y = add_rms_norm(linear(attn.reshape(t, num_heads * d), w_o, s_o), h, post_attn_norm, pre_ff_norm, eps)
+    gate, up = linear(y, w_gate_up, s_gate_up).chunk(2, dim=-1)
+    mlp = linear(F.gelu(gate, approximate="tanh") * up, w_down, s_down)
+    return add_rms_norm(mlp, h, post_ff_norm, next_norm, eps)

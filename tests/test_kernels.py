@@ -270,3 +270,96 @@ def test_linear_opcheck_and_bad_inputs():
         ext.linear(x, q, s[:31])
     with pytest.raises(RuntimeError, match="weight must be float32, bfloat16 or int8"):
         ext.linear(x, w.half())
+
+
+# -- decoder_layer: a whole block in one op ---------------------------------------------------------
+def _block_args(t, start, window, slots, dtype, int8=False, write_cache=True, hidden=64, hq=4, hk=1, d=32, inter=96):
+    from gemma3_fast.quantize import quantize_int8
+
+    shapes = [((hq + 2 * hk) * d, hidden), (hidden, hq * d), (2 * inter, hidden), (hidden, inter)]
+    weights, scales = [], []
+    for i, shape in enumerate(shapes):
+        w = randn(*shape, seed=10 + i) * shape[1] ** -0.5
+        if int8:
+            w, s = quantize_int8(w)
+            weights.append(w)
+            scales.append(s)
+        else:
+            weights.append(w.to(dtype))
+            scales.append(None)
+    norms = [randn(n, dtype=dtype, seed=20 + i, scale=0.3) for i, n in enumerate((d, d, hidden, hidden, hidden,
+                                                                                   hidden))]
+    positions = torch.arange(start, start + t)
+    cos, sin = ref.rope_cos_sin(positions, ref.rope_inv_freq(d, 1e4))
+    h = randn(t, hidden, dtype=dtype, seed=1, scale=4)
+    y = ref.rms_norm(h, norms[2], 1e-6)
+    kc, vc = randn(slots, hk, d, dtype=dtype, seed=3), randn(slots, hk, d, dtype=dtype, seed=4)
+    return [h, y, positions, cos, sin, kc, vc, weights, scales, norms, hq, window, d ** -0.5, 1e-6,
+            window > 0, write_cache]
+
+
+def _to_fp32(args):
+    def conv(a):
+        if isinstance(a, list):
+            return [conv(x) for x in a]
+        return a.float() if isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16 else a
+    return [conv(a) for a in args]
+
+
+BLOCK_CASES = [  # (start, tokens, window, cache slots): decode across the window edges and a wrap, prefill
+    (0, 1, W, W), (7, 1, W, W), (8, 1, W, W), (9, 1, W, W), (45, 1, W, W),
+    (0, 20, W, W), (5, 20, W, W), (30, 1, 0, 64), (30, 17, 0, 64)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("start,t,window,slots", BLOCK_CASES)
+def test_decoder_layer(start, t, window, slots, int8, dtype):
+    args = _block_args(t, start, window, slots, dtype, int8)
+    ref_args = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+    h, y = ext.decoder_layer(*args)
+    rh, ry = ref.decoder_layer(*ref_args)
+    f32_args = _to_fp32([a.clone() if isinstance(a, torch.Tensor) else a for a in args])
+    h32, y32 = ref.decoder_layer(*f32_args)
+    assert h.shape == args[0].shape and h.dtype == dtype and y.dtype == dtype
+    if dtype == torch.float32:
+        # int8 weights: the decode kernel quantizes activations to int16 (relative error ~1e-4)
+        tol = 2e-3 if int8 else 1e-4
+        torch.testing.assert_close(h, rh, atol=tol, rtol=tol)
+        torch.testing.assert_close(y, ry, atol=tol, rtol=tol)
+        torch.testing.assert_close(args[5], ref_args[5], atol=tol, rtol=tol)  # the keys written into the cache
+        torch.testing.assert_close(args[6], ref_args[6], atol=tol, rtol=tol)
+    else:
+        for out, r, r32 in ((h, rh, h32), (y, ry, y32), (args[5], ref_args[5], f32_args[5])):
+            kernel_err = (out.float() - r32).abs().max().item()
+            ref_err = (r.float() - r32).abs().max().item()
+            assert kernel_err <= 2 * ref_err + 1e-2 * r32.abs().max().item(), (kernel_err, ref_err)
+
+
+def test_decoder_layer_without_cache_write_leaves_cache_alone():
+    args = _block_args(1, 9, W, W, torch.float32, write_cache=False)
+    before = args[5].clone(), args[6].clone()
+    ext.decoder_layer(*args)
+    assert torch.equal(args[5], before[0]) and torch.equal(args[6], before[1])
+
+
+def test_decoder_layer_opcheck_and_bad_inputs():
+    torch.library.opcheck(ext.decoder_layer.default, tuple(_block_args(1, 9, W, W, torch.float32)))
+    torch.library.opcheck(ext.decoder_layer.default, tuple(_block_args(3, 4, 0, 16, torch.float32, int8=True)))
+    args = _block_args(1, 9, W, W, torch.float32)
+    bad = list(args)
+    bad[7] = args[7][:3]
+    with pytest.raises(RuntimeError, match=r"takes 4 weights \[qkv, o, gate_up, down\], got 3"):
+        ext.decoder_layer(*bad)
+    bad = list(args)
+    bad[10] = 3  # 6 heads of 32 in qkv: 3 query heads would leave 3 for k and v
+    with pytest.raises(RuntimeError, match=r"weights\[0\] \(qkv_proj\) has 192 rows, expected \(num_heads \+ 2"):
+        ext.decoder_layer(*bad)
+    bad = list(args)
+    bad[7] = [args[7][0], args[7][1], args[7][2][:-2], args[7][3]]
+    with pytest.raises(RuntimeError, match=r"weights\[2\] \(gate_up_proj\) has 190 rows, expected twice"):
+        ext.decoder_layer(*bad)
+    bad = list(args)
+    bad[1] = args[1][:, :32]
+    with pytest.raises(RuntimeError, match=r"y has shape \[1, 32\] but h has \[1, 64\]"):
+        ext.decoder_layer(*bad)

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "kernels.h"
 #include "vec.h"
 
 namespace gemma3_fast {
@@ -216,6 +217,8 @@ void attention_prefill_kernel(const T* q, const T* k, const T* v, const T* kc, c
   }
 }
 
+}  // namespace
+
 at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
                          const at::Tensor& v_cache, const at::Tensor& positions, int64_t window, double scale) {
   const int64_t start = check_attention_args(q, k, v, k_cache, v_cache, positions, window);
@@ -229,8 +232,6 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Ten
   });
   return out;
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(gemma3_fast, CPU, m) { m.impl("attention", &attention_cpu); }
 

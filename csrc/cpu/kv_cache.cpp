@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "../checks.h"
+#include "kernels.h"
 
 namespace gemma3_fast {
 
@@ -23,8 +24,6 @@ void check_kv_args(const at::Tensor& k_cache, const at::Tensor& v_cache, const a
                                 std::pair{&v_cache, "v_cache"}})
     check_contiguous(*t, name);
 }
-
-namespace {
 
 void kv_cache_write_cpu(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k, const at::Tensor& v,
                         const at::Tensor& positions, bool ring) {
@@ -50,8 +49,6 @@ void kv_cache_write_cpu(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tens
     std::memcpy(vc + slot * bytes, vp + i * bytes, bytes);
   }
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(gemma3_fast, CPU, m) { m.impl("kv_cache_write", &kv_cache_write_cpu); }
 

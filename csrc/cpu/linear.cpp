@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "kernels.h"
 #include "vec.h"
 
 namespace gemma3_fast {
@@ -117,7 +118,12 @@ inline float dot1(const float* x, const PreparedX& px, const int8_t* w, int64_t 
 PreparedX prepare(const float* x, const vec::bf16* x_bf16, int64_t k, at::ScalarType wt) {
   PreparedX px;
   if (wt == at::kBFloat16) px.bf16_row = x_bf16;
-  if (wt == at::kBFloat16) {
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+  const bool native_bf16_dot = x_bf16 != nullptr;  // dot1 reads the bf16 row itself, no fp32 copy needed
+#else
+  const bool native_bf16_dot = false;
+#endif
+  if (wt == at::kBFloat16 && !native_bf16_dot) {
     px.deinterleaved.resize(k);
     for (int64_t i = 0; i + 16 <= k; i += 16)
       for (int64_t j = 0; j < 8; ++j) {
@@ -144,6 +150,8 @@ void gemv_rows(const float* x, const std::vector<PreparedX>& px, int64_t tokens,
       out[t * n + r] = vec::from_f32<TO>(scales ? s * scales[r] : s);
     }
 }
+
+}  // namespace
 
 at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& scales) {
   check_float_tensor(x, "x");
@@ -186,10 +194,12 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::
   }
 
   at::Tensor out = at::empty(out_shape, x.options());
-  const at::Tensor x32 = x.to(at::kFloat).contiguous();
-  const float* xp = x32.data_ptr<float>();
-  std::vector<PreparedX> px;
+  // x in fp32, converted here rather than with x.to(): at decode an ATen call costs more than the conversion.
   const vec::bf16* xb = x.scalar_type() == at::kBFloat16 ? x.data_ptr<vec::bf16>() : nullptr;
+  std::vector<float> x32;
+  if (xb != nullptr) x32.assign(xb, xb + tokens * k);
+  const float* xp = xb != nullptr ? x32.data() : x.data_ptr<float>();
+  std::vector<PreparedX> px;
   for (int64_t t = 0; t < tokens; ++t) px.push_back(prepare(xp + t * k, xb ? xb + t * k : nullptr, k, wt));
   const float* sp = scales.has_value() ? scales->data_ptr<float>() : nullptr;
   // Blocks of 64 rows: enough work per task, an even split between threads.
@@ -210,8 +220,6 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::
   });
   return out;
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(gemma3_fast, CPU, m) { m.impl("linear", &linear_cpu); }
 

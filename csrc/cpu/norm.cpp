@@ -3,6 +3,7 @@
 #include <torch/library.h>
 
 #include "../checks.h"
+#include "kernels.h"
 #include "vec.h"
 
 namespace gemma3_fast {
@@ -26,6 +27,8 @@ inline float inv_rms(const T* row, int64_t n, double eps) {
 }
 
 int64_t row_grain(int64_t n) { return std::max<int64_t>(1, 32768 / n); }  // rows per task: ~32K elements
+
+}  // namespace
 
 at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double eps) {
   check_norm_args(x, weight, "weight", eps);
@@ -72,8 +75,6 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm_cpu(const at::Tensor& x, const a
   });
   return {h, y};
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(gemma3_fast, CPU, m) {
   m.impl("rms_norm", &rms_norm_cpu);

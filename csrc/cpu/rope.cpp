@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "kernels.h"
 #include "vec.h"
 
 namespace gemma3_fast {
@@ -22,6 +23,8 @@ void norm_rope_row(T* out, const T* x, const T* w, const float* cos, const float
     out[i + half] = vec::from_f32<T>(x2 * cos[i] + x1 * sin[i]);
   }
 }
+
+}  // namespace
 
 std::tuple<at::Tensor, at::Tensor> qk_norm_rope_cpu(const at::Tensor& q, const at::Tensor& k,
                                                     const at::Tensor& q_weight, const at::Tensor& k_weight,
@@ -74,8 +77,6 @@ std::tuple<at::Tensor, at::Tensor> qk_norm_rope_cpu(const at::Tensor& q, const a
   });
   return {q_out, k_out};
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(gemma3_fast, CPU, m) { m.impl("qk_norm_rope", &qk_norm_rope_cpu); }
 

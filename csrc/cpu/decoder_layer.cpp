@@ -1,0 +1,67 @@
+// One whole Gemma 3 block in C++: the same composition as reference_ops.decoder_layer, calling the CPU kernels
+// directly. At decode a block is ~12 small ops; run one by one from Python, each pays the interpreter and the
+// dispatcher (several microseconds), which added up to 2-4 ms of a 16-20 ms bf16 step.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "../checks.h"
+#include "kernels.h"
+
+namespace gemma3_fast {
+namespace {
+
+const char* const kWeightNames[] = {"weights[0] (qkv_proj)", "weights[1] (o_proj)", "weights[2] (gate_up_proj)",
+                                    "weights[3] (down_proj)"};
+
+std::tuple<at::Tensor, at::Tensor> decoder_layer_cpu(const at::Tensor& h, const at::Tensor& y,
+                                                     const at::Tensor& positions, const at::Tensor& cos,
+                                                     const at::Tensor& sin, at::Tensor& k_cache, at::Tensor& v_cache,
+                                                     at::TensorList weights,
+                                                     const c10::List<std::optional<at::Tensor>>& scales,
+                                                     at::TensorList norms, int64_t num_heads, int64_t window,
+                                                     double scale, double eps, bool ring, bool write_cache) {
+  TORCH_CHECK(weights.size() == 4, "gemma3_fast: decoder_layer takes 4 weights [qkv, o, gate_up, down], got ",
+              weights.size());
+  TORCH_CHECK(scales.size() == 4, "gemma3_fast: decoder_layer takes 4 scales (None unless int8), got ",
+              scales.size());
+  TORCH_CHECK(norms.size() == 6, "gemma3_fast: decoder_layer takes 6 norms [q, k, post_attn, pre_ff, post_ff, ",
+              "next], got ", norms.size());
+  check_dim(h, 2, "h", "[tokens, hidden]");
+  TORCH_CHECK(y.sizes() == h.sizes(), "gemma3_fast: y has shape ", y.sizes(), " but h has ", h.sizes());
+  TORCH_CHECK(num_heads > 0, "gemma3_fast: num_heads must be > 0, got ", num_heads);
+  for (size_t i = 0; i < 4; ++i) check_dim(weights[i], 2, kWeightNames[i], "[out_features, in_features]");
+  const int64_t t = h.size(0), hidden = h.size(1), d = norms[0].numel();
+  const int64_t qkv_heads = d > 0 ? weights[0].size(0) / d : 0;
+  TORCH_CHECK(d > 0 && weights[0].size(0) % d == 0 && qkv_heads > num_heads && (qkv_heads - num_heads) % 2 == 0,
+              "gemma3_fast: ", kWeightNames[0], " has ", weights[0].size(0), " rows, expected (num_heads + 2 * ",
+              "kv_heads) * head_dim with num_heads=", num_heads, " and head_dim=", d, " (the q norm's size)");
+  const int64_t hk = (qkv_heads - num_heads) / 2, inter2 = weights[2].size(0);
+  TORCH_CHECK(weights[1].size(1) == num_heads * d, "gemma3_fast: ", kWeightNames[1], " has in_features ",
+              weights[1].size(1), ", expected num_heads * head_dim = ", num_heads * d);
+  TORCH_CHECK(inter2 % 2 == 0 && weights[3].size(1) == inter2 / 2, "gemma3_fast: ", kWeightNames[2], " has ",
+              inter2, " rows, expected twice ", kWeightNames[3], "'s in_features (", weights[3].size(1), ")");
+  TORCH_CHECK(weights[1].size(0) == hidden && weights[3].size(0) == hidden, "gemma3_fast: o_proj and down_proj ",
+              "must have ", hidden, " (hidden) rows, got ", weights[1].size(0), " and ", weights[3].size(0));
+
+  const at::Tensor qkv = linear_cpu(y, weights[0], scales.get(0));
+  const at::Tensor q = qkv.narrow(1, 0, num_heads * d).view({t, num_heads, d});
+  const at::Tensor k = qkv.narrow(1, num_heads * d, hk * d).view({t, hk, d});
+  const at::Tensor v = qkv.narrow(1, (num_heads + hk) * d, hk * d).contiguous().view({t, hk, d});
+  const auto [qr, kr] = qk_norm_rope_cpu(q, k, norms[0], norms[1], cos, sin, eps);
+  const at::Tensor attn = attention_cpu(qr, kr, v, k_cache, v_cache, positions, window, scale);
+  if (write_cache)  // after attention: a chunk longer than the ring still attends to its own keys
+    kv_cache_write_cpu(k_cache, v_cache, kr, v, positions, ring);
+  const at::Tensor o = linear_cpu(attn.view({t, num_heads * d}), weights[1], scales.get(1));
+  const auto [h1, y1] = add_rms_norm_cpu(o, h, norms[2], norms[3], eps);
+  const at::Tensor gate_up = linear_cpu(y1, weights[2], scales.get(2));
+  const at::Tensor act = at::gelu(gate_up.narrow(1, 0, inter2 / 2), "tanh").mul_(gate_up.narrow(1, inter2 / 2,
+                                                                                                 inter2 / 2));
+  const at::Tensor mlp = linear_cpu(act.contiguous(), weights[3], scales.get(3));
+  return add_rms_norm_cpu(mlp, h1, norms[4], norms[5], eps);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(gemma3_fast, CPU, m) { m.impl("decoder_layer", &decoder_layer_cpu); }
+
+}  // namespace gemma3_fast
