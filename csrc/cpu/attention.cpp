@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "../checks.h"
@@ -52,7 +53,65 @@ int64_t check_attention_args(const at::Tensor& q, const at::Tensor& k, const at:
 
 namespace {
 
-constexpr int64_t kBlock = 64;  // keys per online-softmax step
+constexpr int64_t kBlock = 32;  // keys per online-softmax step (a bf16 V block of 16 KB stays in L1)
+
+// Online-softmax update of one query group's state (m, l, acc) with the block's scores s[G][kBlock]; turns s
+// into the block's probabilities (relative to the new max).
+inline void softmax_update(float* s, int64_t nb, float& m, float& l, float* acc, int64_t d) {
+  float mnew = m;
+  for (int64_t jj = 0; jj < nb; ++jj) mnew = std::max(mnew, s[jj]);
+  const float corr = std::exp(m - mnew);  // 0 on the first block (m = -inf)
+  vec::scale(acc, corr, d);
+  l = l * corr + vec::exp_shift_sum(s, mnew, nb);
+  m = mnew;
+}
+
+// The same as decode_block below, one key and one head at a time: any group size, any head_dim, no AVX2.
+template <typename T, typename KeyFn, typename ValFn>
+void decode_block_any(const float* qf, const KeyFn& key, const ValFn& val, int64_t j0, int64_t nb, int64_t d,
+                      int64_t g, float* scores, float* m, float* l, float* acc) {
+  for (int64_t jj = 0; jj < nb; ++jj)
+    for (int64_t h = 0; h < g; ++h) scores[h * kBlock + jj] = vec::dot(qf + h * d, key(j0 + jj), d);
+  for (int64_t h = 0; h < g; ++h) softmax_update(scores + h * kBlock, nb, m[h], l[h], acc + h * d, d);
+  for (int64_t jj = 0; jj < nb; ++jj)
+    for (int64_t h = 0; h < g; ++h) vec::axpy(acc + h * d, scores[h * kBlock + jj], val(j0 + jj), d);
+}
+
+// One block of nb keys (j0 ...) for the G query heads that share a KV head: scores, softmax, P @ V.
+// Each key row is loaded once for all G heads, and the output accumulators are updated 8 columns at a time
+// across the whole block, so they stay in registers instead of a load/store per key.
+template <int G, typename T, typename KeyFn, typename ValFn>
+void decode_block(const float* qf, const KeyFn& key, const ValFn& val, int64_t j0, int64_t nb, int64_t d,
+                  float* scores, float* m, float* l, float* acc) {
+#ifdef GEMMA3_AVX2
+  if (d % 8 == 0) {
+    const T* vrows[kBlock];  // resolved once per block: a ring slot costs an integer division
+    for (int64_t jj = 0; jj < nb; ++jj) {
+      const T* krow = key(j0 + jj);
+      vrows[jj] = val(j0 + jj);
+      __m256 a[G];
+      for (int h = 0; h < G; ++h) a[h] = _mm256_setzero_ps();
+      for (int64_t x = 0; x < d; x += 8) {
+        const __m256 kv = vec::load8(krow + x);
+        for (int h = 0; h < G; ++h) a[h] = _mm256_fmadd_ps(_mm256_loadu_ps(qf + h * d + x), kv, a[h]);
+      }
+      for (int h = 0; h < G; ++h) scores[h * kBlock + jj] = vec::hsum(a[h]);
+    }
+    for (int h = 0; h < G; ++h) softmax_update(scores + h * kBlock, nb, m[h], l[h], acc + h * d, d);
+    for (int64_t x0 = 0; x0 < d; x0 += 8) {
+      __m256 o[G];
+      for (int h = 0; h < G; ++h) o[h] = _mm256_loadu_ps(acc + h * d + x0);
+      for (int64_t jj = 0; jj < nb; ++jj) {
+        const __m256 vv = vec::load8(vrows[jj] + x0);
+        for (int h = 0; h < G; ++h) o[h] = _mm256_fmadd_ps(_mm256_set1_ps(scores[h * kBlock + jj]), vv, o[h]);
+      }
+      for (int h = 0; h < G; ++h) _mm256_storeu_ps(acc + h * d + x0, o[h]);
+    }
+    return;
+  }
+#endif
+  decode_block_any<T>(qf, key, val, j0, nb, d, G, scores, m, l, acc);
+}
 
 template <typename T>
 void attention_kernel(const T* q, const T* k, const T* v, const T* kc, const T* vc, T* out, int64_t t, int64_t hq,
@@ -87,26 +146,16 @@ void attention_kernel(const T* q, const T* k, const T* v, const T* kc, const T* 
       auto val = [&](int64_t j) { return j < start ? vc + ((j % slots) * hk + gi) * d : v + ((j - start) * hk + gi) * d; };
       for (int64_t j0 = jb; j0 < je; j0 += kBlock) {
         const int64_t nb = std::min(kBlock, je - j0);
-        for (int64_t jj = 0; jj < nb; ++jj) {
-          const T* krow = key(j0 + jj);
-          for (int64_t h = 0; h < g; ++h) scores[h * kBlock + jj] = vec::dot(qf.data() + h * d, krow, d);
-        }
-        for (int64_t h = 0; h < g; ++h) {
-          float* s = scores.data() + h * kBlock;
-          float mnew = m[h];
-          for (int64_t jj = 0; jj < nb; ++jj) mnew = std::max(mnew, s[jj]);
-          const float corr = std::exp(m[h] - mnew);  // 0 on the first block (m = -inf)
-          l[h] *= corr;
-          vec::scale(acc + h * d, corr, d);
-          for (int64_t jj = 0; jj < nb; ++jj) {
-            s[jj] = std::exp(s[jj] - mnew);
-            l[h] += s[jj];
-          }
-          m[h] = mnew;
-        }
-        for (int64_t jj = 0; jj < nb; ++jj) {
-          const T* vrow = val(j0 + jj);
-          for (int64_t h = 0; h < g; ++h) vec::axpy(acc + h * d, scores[h * kBlock + jj], vrow, d);
+        auto block = [&](auto g_tag) {
+          constexpr int G = decltype(g_tag)::value;
+          decode_block<G, T>(qf.data(), key, val, j0, nb, d, scores.data(), m, l, acc);
+        };
+        switch (g) {  // the query heads per KV head as a constant: their accumulators stay in registers
+          case 1: block(std::integral_constant<int, 1>{}); break;
+          case 2: block(std::integral_constant<int, 2>{}); break;
+          case 4: block(std::integral_constant<int, 4>{}); break;
+          case 8: block(std::integral_constant<int, 8>{}); break;
+          default: decode_block_any<T>(qf.data(), key, val, j0, nb, d, g, scores.data(), m, l, acc);
         }
       }
     }
