@@ -171,3 +171,22 @@ def test_linear(benchmark, impl, shape, wt):
         w = w.to(dtype)
     fn = {"extension": ext and ext.linear, "reference": ref.linear}[impl]
     run(benchmark, f"linear-{wt}-{shape}", impl, fn, x, w, scales)
+
+
+# -- decoder_layer: one whole block at decode (position 600, sliding window 512) ----------------------------
+@pytest.mark.parametrize("impl", ["extension", "reference"])
+@pytest.mark.parametrize("dt", DTYPES)
+def test_decoder_layer(benchmark, impl, dt):
+    """One call vs the reference composition of the same ops. One block's weights (11 MB in bf16) fit in this
+    CPU's L3 cache, so this measures the per-op work, not the weight stream of a real decode step."""
+    d, hidden, inter, pos = DTYPES[dt], 640, 2048, 600
+    weights = [rnd(n, k, dtype=d) * k ** -0.5 for n, k in ((1536, hidden), (hidden, 1024), (2 * inter, hidden),
+                                                           (hidden, inter))]
+    norms = [rnd(n, dtype=d) * 0.1 for n in (256, 256, hidden, hidden, hidden, hidden)]
+    positions = torch.tensor([pos])
+    cos, sin = ref.rope_cos_sin(positions, ref.rope_inv_freq(256, 1e4))
+    kc, vc = rnd(512, 1, 256, dtype=d), rnd(512, 1, 256, dtype=d)
+    h, y = rnd(1, hidden, dtype=d), rnd(1, hidden, dtype=d)
+    fn = {"extension": ext and ext.decoder_layer, "reference": ref.decoder_layer}[impl]
+    run(benchmark, f"decoder_layer-{dt}-decode-sliding512", impl, fn, h, y, positions, cos, sin, kc, vc, weights,
+        [None] * 4, norms, 4, 512, 256 ** -0.5, EPS, True, True)
