@@ -71,7 +71,7 @@ def bench_gemma3_fast(backend, dtype, quantize, long_context):
     model, tok = load_model_and_tokenizer(None, dtype, "cpu", backend, quantize=quantize)
     ids = torch.tensor(prompt_ids(tok, PROMPT_TOKENS))
 
-    def decode_speeds(prompts: list[torch.Tensor], steps: int) -> list[float]:
+    def decode_speeds(prompts: list[torch.Tensor], steps: int, probe: BandwidthProbe | None = None) -> list[float]:
         """Greedy decode after each prompt, the sequences' steps interleaved so that all of them run under
         the same machine conditions (memory bandwidth on a shared host drifts over seconds)."""
         caches = [model.new_cache(len(p) + steps + 1) for p in prompts]
@@ -80,14 +80,17 @@ def bench_gemma3_fast(backend, dtype, quantize, long_context):
         for _ in range(steps):
             for i, cache in enumerate(caches):
                 t0 = time.perf_counter()
-                tokens[i] = model.decode(tokens[i], cache).float().argmax(-1)  # as generation samples: in fp32
+                tokens[i] = model.decode(tokens[i], cache).argmax(-1)  # greedy, as generation does
                 times[i].append(time.perf_counter() - t0)
+            if probe is not None:
+                probe.sample()
         return [1.0 / statistics.median(t[2:]) for t in times]
 
     decode_speeds([ids[:16]], 4)  # warm up
     prefill_s = median_prefill(lambda: model.prefill(ids, model.new_cache(PROMPT_TOKENS)))
-    result = {"prefill_tps": PROMPT_TOKENS / prefill_s, "bandwidth_gbs": read_bandwidth_gbs(),
-              "decode_tps": decode_speeds([ids], DECODE_STEPS)[0]}
+    probe = BandwidthProbe()
+    result = {"prefill_tps": PROMPT_TOKENS / prefill_s, "decode_tps": decode_speeds([ids], DECODE_STEPS, probe)[0],
+              "bandwidth_gbs": probe.median()}
     if long_context:
         near, far = decode_speeds([ids[:100], torch.tensor(prompt_ids(tok, 3968))], 64)
         result["decode_tps_pos100"], result["decode_tps_pos4000"] = near, far
@@ -110,22 +113,59 @@ def bench_transformers(dtype):
     tok = GemmaTokenizer.from_file(folder / "tokenizer.json")
     ids = torch.tensor([prompt_ids(tok, PROMPT_TOKENS)])
 
-    def decode_speed(prompt, steps):
-        out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
-        past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    def decode_speed(prompt, steps, probe=None):
+        step = transformers_stepper(model, prompt)
         times = []
         for _ in range(steps):
-            t0 = time.perf_counter()
-            out = model(input_ids=token, past_key_values=past, use_cache=True)
-            past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-            times.append(time.perf_counter() - t0)
+            times.append(timed(step)[1])
+            if probe is not None:
+                probe.sample()
         return 1.0 / statistics.median(times[2:])
 
     with torch.inference_mode():
         decode_speed(ids[:, :16], 4)
         prefill_s = median_prefill(lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1))
-        return {"prefill_tps": PROMPT_TOKENS / prefill_s, "bandwidth_gbs": read_bandwidth_gbs(),
-                "decode_tps": decode_speed(ids, DECODE_STEPS)}
+        probe = BandwidthProbe()
+        return {"prefill_tps": PROMPT_TOKENS / prefill_s, "decode_tps": decode_speed(ids, DECODE_STEPS, probe),
+                "bandwidth_gbs": probe.median()}
+
+
+def transformers_stepper(model, prompt):
+    """Prefill `prompt` [1, T] with transformers' own KV cache; returns a function doing one greedy step."""
+    out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+    state = {"past": out.past_key_values, "token": out.logits[:, -1].argmax(-1, keepdim=True)}
+
+    def step():
+        out = model(input_ids=state["token"], past_key_values=state["past"], use_cache=True)
+        state["past"], state["token"] = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+
+    return step
+
+
+def bench_head_to_head(dtype):
+    """This package (extension) and transformers in one process, their decode steps alternating, so both see
+    the same machine conditions: the decode speed ratio without the drift between separate processes."""
+    from transformers import Gemma3ForCausalLM
+
+    from gemma3_fast.loading import default_model_dir, load_model_and_tokenizer
+
+    ours, tok = load_model_and_tokenizer(None, dtype, "cpu", "extension")
+    hf = Gemma3ForCausalLM.from_pretrained(default_model_dir(), torch_dtype=getattr(torch, dtype)).eval()
+    ids = torch.tensor(prompt_ids(tok, PROMPT_TOKENS))
+    with torch.inference_mode():
+        cache = ours.new_cache(PROMPT_TOKENS + DECODE_STEPS + 1)
+        state = {"token": ours.prefill(ids, cache).float().argmax(-1)}
+
+        def our_step():
+            state["token"] = ours.decode(state["token"], cache).argmax(-1)
+
+        hf_step = transformers_stepper(hf, ids[None])
+        ours_t, hf_t = [], []
+        for _ in range(DECODE_STEPS // 2):
+            ours_t.append(timed(our_step)[1])
+            hf_t.append(timed(hf_step)[1])
+    return {"ours_tps": 1 / statistics.median(ours_t[2:]), "hf_tps": 1 / statistics.median(hf_t[2:]),
+            "ratio": statistics.median(h / o for o, h in zip(ours_t[2:], hf_t[2:]))}
 
 
 def bench_llama_cpp(threads):
@@ -143,7 +183,7 @@ def bench_llama_cpp(threads):
     llm.eval(ids[:16])
     llm.reset()
     _, prefill_s = timed(lambda: llm.eval(ids))
-    bandwidth = read_bandwidth_gbs()
+    probe = BandwidthProbe()
     def last_logits_argmax() -> int:  # greedy, like the other engines (llama.cpp keeps only the last logits)
         return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))))
 
@@ -154,7 +194,8 @@ def bench_llama_cpp(threads):
         llm.eval([token])
         token = last_logits_argmax()
         times.append(time.perf_counter() - t0)
-    return {"prefill_tps": PROMPT_TOKENS / prefill_s, "bandwidth_gbs": bandwidth,
+        probe.sample()
+    return {"prefill_tps": PROMPT_TOKENS / prefill_s, "bandwidth_gbs": probe.median(),
             "decode_tps": 1.0 / statistics.median(times[2:])}
 
 
@@ -207,6 +248,8 @@ def child(spec: dict) -> dict:
         out = bench_transformers(spec["dtype"])
     elif kind == "llama.cpp":
         out = bench_llama_cpp(spec["threads"])
+    elif kind == "head_to_head":
+        out = bench_head_to_head(spec["dtype"])
     else:
         out = int8_quality()
     out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -224,18 +267,25 @@ def cpu_name() -> str:
 
 
 # -- parent: the table ---------------------------------------------------------------------------------------
-def read_bandwidth_gbs() -> float:
-    """Read bandwidth: the median of 9 sums over a 1 GiB fp32 buffer (written first: untouched pages read as
-    zeros). Each engine measures it in its own process right before its decode loop: on a shared host the
-    bandwidth drifts, so each row's roofline uses the bandwidth of its own moment."""
-    buf = torch.ones(256 * 2**20)
-    buf.sum()
-    times = []
-    for _ in range(9):
-        t0 = time.perf_counter()
-        buf.sum()
-        times.append(time.perf_counter() - t0)
-    return buf.numel() * 4 / statistics.median(times) / 1e9
+class BandwidthProbe:
+    """Read bandwidth, sampled between decode steps: one sum over a 256 MiB fp32 buffer per sample, the median
+    reported. A shared host's bandwidth drifts by up to 2x over seconds, so a row's roofline is measured during
+    its own decode loop, not before it. The buffer is on huge pages, like the package's weights (see
+    gemma3_fast/huge_pages.py): 4 KiB pages read slower, and would flatter a kernel reading huge pages."""
+
+    def __init__(self):
+        from gemma3_fast.huge_pages import huge_page_buffer
+
+        self.buf = huge_page_buffer(256 << 20).view(torch.float32)
+        self.buf.fill_(1.0)  # touched: untouched pages read as the shared zero page
+        self.buf.sum()
+        self.samples: list[float] = []
+
+    def sample(self) -> None:
+        self.samples.append(self.buf.numel() * 4 / timed(self.buf.sum)[1] / 1e9)
+
+    def median(self) -> float:
+        return statistics.median(self.samples)
 
 
 def run_child(spec: dict) -> dict | None:
@@ -267,6 +317,7 @@ def main() -> None:
     if args.llama_cpp:
         engines.append(("llama.cpp", "-", "q4_k_m", "none"))
     runs: dict[tuple, list[dict]] = {}
+    head_to_head: dict[str, list[dict]] = {}
     for rnd in range(args.rounds):
         for engine, backend, dtype, quant in engines:
             print(f"round {rnd + 1}/{args.rounds}: {engine} {backend} {dtype} {quant} ...", file=sys.stderr, flush=True)
@@ -275,6 +326,11 @@ def main() -> None:
             res = run_child(spec)
             if res is not None:
                 runs.setdefault((engine, backend, dtype, quant), []).append({**spec, **res})
+        for dtype in () if args.no_transformers else ("float32", "bfloat16"):
+            print(f"round {rnd + 1}/{args.rounds}: head to head, {dtype} ...", file=sys.stderr, flush=True)
+            res = run_child(dict(engine="head_to_head", dtype=dtype, threads=args.threads))
+            if res is not None:
+                head_to_head.setdefault(dtype, []).append(res)
     rows = []  # per engine: the median of each number over the rounds
     for results in runs.values():
         row = dict(results[0])
@@ -287,7 +343,8 @@ def main() -> None:
 
     bytes_per_token = {(r["dtype"], r["quantize"]): r["bytes_per_token"] for r in rows if "bytes_per_token" in r}
     print(f"\nMachine: {cpu_name()}, {os.cpu_count()} cores, {args.threads} threads, torch {torch.__version__}. "
-          f"Bandwidth: median 1 GiB read, measured in each row's process. Medians of {args.rounds} rounds.\n")
+          f"Bandwidth: median of 256 MiB reads (huge pages) between the row's own decode steps. "
+          f"Medians of {args.rounds} rounds.\n")
     print("| engine | backend | weights | prefill 512 tok/s | decode tok/s | bandwidth GB/s | roofline tok/s "
           "| decode / roofline | peak RSS MiB |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|")
@@ -309,7 +366,13 @@ def main() -> None:
     for dtype in ("float32", "bfloat16"):
         ours, hf = find("gemma3_fast", "extension", dtype), find("transformers", "sdpa", dtype)
         if ours and hf:
-            print(f"- decode vs transformers, {dtype}: {ours['decode_tps'] / hf['decode_tps']:.2f}x")
+            print(f"- decode vs transformers, {dtype}, rows above: {ours['decode_tps'] / hf['decode_tps']:.2f}x")
+        h2h = head_to_head.get(dtype)
+        if h2h:
+            med = {k: statistics.median(r[k] for r in h2h) for k in ("ratio", "ours_tps", "hf_tps")}
+            print(f"- decode vs transformers, {dtype}, one process, steps alternating: {med['ratio']:.2f}x "
+                  f"({med['ours_tps']:.1f} vs {med['hf_tps']:.1f} tok/s; per round "
+                  f"{', '.join('%.2fx' % r['ratio'] for r in h2h)})")
     hf32 = find("transformers", "sdpa", "float32")
     for dtype, quant in (("float32", "none"), ("bfloat16", "none"), ("bfloat16", "int8")):
         ours = find("gemma3_fast", "extension", dtype, quant)
@@ -328,7 +391,8 @@ def main() -> None:
               f"{quality['positions']} positions, mean |Δlogit| {quality['mean_abs_dlogit']:.3f}, perplexity "
               f"{quality['ppl_int8']:.3f} vs {quality['ppl_bf16']:.3f} ({(quality['ppl_ratio'] - 1) * 100:+.2f}%)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "quality": quality}, indent=2))
+        Path(args.json).write_text(json.dumps({"rows": rows, "quality": quality, "head_to_head": head_to_head},
+                                              indent=2))
 
 
 if __name__ == "__main__":

@@ -42,6 +42,8 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
 def sample(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None = None,
            generator: torch.Generator | None = None) -> int:
     """Pick the next token from last-position logits [vocab]."""
+    if params.temperature == 0 and (seen is None or params.repetition_penalty == 1.0):
+        return int(torch.argmax(logits))  # bf16 -> fp32 is exact and monotonic: no fp32 copy of 262144 logits
     logits = logits.float()
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)

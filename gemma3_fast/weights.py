@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from .config import Gemma3Config
+from .huge_pages import place_on_huge_pages
 from .model import Gemma3Model, Linear
 
 SUPPORTED_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -131,6 +132,8 @@ def build_model(config: Gemma3Config, get_tensor: Callable[[str], torch.Tensor],
     model.load_state_dict(state, strict=True, assign=True)
     model.tie_weights()
     model = model.to(device)
+    if model.device.type == "cpu":
+        place_on_huge_pages(model)
     model.set_backend(backend)
     return model.eval().requires_grad_(False)
 

@@ -238,19 +238,13 @@ void attention_prefill_kernel(const T* q, const T* k, const T* v, const T* kc, c
                 const int64_t j = j0 + c;
                 if (j > i || (window > 0 && i - j >= window)) s[c] = kNegInf;
               }
-            float mx = m[r];
-            for (int64_t c = 0; c < nb; ++c) mx = std::max(mx, s[c]);
+            const float mx = vec::max_value(s, nb, m[r]);
             if (mx == kNegInf) {  // nothing visible to this row in this block
               std::fill(s, s + nb, 0.f);
               continue;
             }
             const float corr = std::exp(m[r] - mx);
-            float sum = 0.f;
-            for (int64_t c = 0; c < nb; ++c) {
-              s[c] = std::exp(s[c] - mx);
-              sum += s[c];
-            }
-            l[r] = l[r] * corr + sum;
+            l[r] = l[r] * corr + vec::exp_shift_sum(s, mx, nb);  // masked scores (-inf) become ~1e-38: negligible
             m[r] = mx;
             if (corr != 1.f) vec::scale(acc.data() + r * d, corr, d);
           }

@@ -41,9 +41,11 @@ inline float dot_tail(const float* x, const TW* w, int64_t i0, int64_t k) {
 }
 
 // R rows at once, taken from R far-apart parts of this thread's row range: each part is read as its own
-// sequential stream. One stream per core left bandwidth unused (measured on the 2-core EPYC: ~26 GB/s with one
-// stream per thread, ~31 with four, in the same run); rows next to each other, interleaved, are worse than one
-// stream (the prefetcher loses them), so the rows are whole parts apart. out[j] = dot(x, w[j]), fp32 sums.
+// sequential stream. On the 2-core EPYC, whole bf16 decode steps, one process, steps alternating: with the
+// weights on 4 KiB pages four streams per thread beat one; on huge pages (gemma3_fast/huge_pages.py) two
+// streams are best, 1.06-1.12x the old four-stream/4 KiB steps (fp32, bf16, int8). Rows next to each other,
+// interleaved, are worse than one stream (the prefetcher loses them), so the rows are whole parts apart.
+// out[j] = dot(x, w[j]), fp32 sums.
 template <int R>
 inline void dot_rows(const float* x, const PreparedX&, const float* const* w, int64_t k, float* out) {
   int64_t i = 0;
@@ -175,7 +177,7 @@ PreparedX prepare(const float* x, const vec::bf16* x_bf16, int64_t k, at::Scalar
 
 // out[t][r] = scale[r] * dot(x[t], W[r]) for rows [r0, r1); x stays in L1 while W streams past. The range
 // is cut into kStreams parts that are read side by side (see dot_rows).
-constexpr int kStreams = 4;
+constexpr int kStreams = 2;
 
 template <int R, typename TW, typename TO>
 inline void rows_at(const float* x, const std::vector<PreparedX>& px, int64_t tokens, const TW* w,

@@ -90,6 +90,21 @@ inline float exp_shift_sum(float* s, float shift, int64_t n) {
   return sum;
 }
 
+// max(init, s[0..n)), vectorized (std::max in a loop is not: the compiler keeps its NaN ordering).
+inline float max_value(const float* s, int64_t n, float init) {
+  int64_t i = 0;
+  float mx = init;
+#ifdef GEMMA3_AVX2
+  __m256 vm = _mm256_set1_ps(init);
+  for (; i + 8 <= n; i += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(s + i));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, vm);
+  for (float x : lanes) mx = std::max(mx, x);
+#endif
+  for (; i < n; ++i) mx = std::max(mx, s[i]);
+  return mx;
+}
+
 // sum_i a[i] * b[i]
 template <typename TA, typename TB>
 inline float dot(const TA* a, const TB* b, int64_t n) {

@@ -1,0 +1,64 @@
+"""Model weights on transparent huge pages (Linux): one 2 MiB-aligned arena that the kernel backs with 2 MiB pages.
+
+Batch-1 decode streams every weight from DRAM once per token. On 4 KiB pages that stream misses the TLB every
+4 KiB and the hardware prefetchers restart at every page boundary; on 2 MiB pages neither happens. Measured on
+the 2-core EPYC (bench/e2e.py, same process, steps interleaved): see the README's "Huge pages" note.
+
+torch's own allocator does not ask for huge pages (unless THP_MEM_ALLOC_ENABLE is set before torch starts), so
+the arena is an anonymous private mmap with madvise(MADV_HUGEPAGE). With THP set to "never", or off Linux, the
+arena is plain memory and nothing changes but one copy at load time. GEMMA3_FAST_HUGE_PAGES=0 turns it off.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+
+import torch
+from torch import nn
+
+HUGE_PAGE = 2 << 20
+_MIN_BYTES = 1 << 20  # smaller tensors (norm vectors) gain nothing: they stay where they are
+_ALIGN = 4096  # each weight starts on its own page: SIMD-aligned rows, no false sharing between tensors
+
+
+def enabled() -> bool:
+    return os.environ.get("GEMMA3_FAST_HUGE_PAGES", "1") != "0" and hasattr(mmap, "MADV_HUGEPAGE")
+
+
+def huge_page_buffer(nbytes: int) -> torch.Tensor:
+    """A uint8 tensor of nbytes whose memory starts on a 2 MiB boundary and is madvised for huge pages.
+    The tensor keeps the mapping alive (torch.frombuffer holds a reference to it)."""
+    if nbytes <= 0:
+        raise ValueError(f"huge_page_buffer: nbytes must be > 0, got {nbytes}")
+    span = -(-nbytes // HUGE_PAGE) * HUGE_PAGE
+    # MAP_PRIVATE: Python's default for anonymous maps is MAP_SHARED, i.e. shmem, which THP "madvise" skips.
+    region = mmap.mmap(-1, span + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    raw = torch.frombuffer(region, dtype=torch.uint8)
+    start = (-raw.data_ptr()) % HUGE_PAGE
+    region.madvise(mmap.MADV_HUGEPAGE, start, span)
+    return raw[start:start + nbytes]
+
+
+def place_on_huge_pages(model: nn.Module, min_bytes: int = _MIN_BYTES) -> int:
+    """Move the model's CPU parameters and buffers of at least min_bytes (each once, tied ones together) into
+    one huge-page arena, in place. Returns the arena's size (0 when disabled or nothing qualifies)."""
+    if not enabled():
+        return 0
+    tensors: dict[int, torch.Tensor] = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.device.type == "cpu" and t.numel() * t.element_size() >= min_bytes and t.is_contiguous():
+            tensors.setdefault(id(t), t)
+    if not tensors:
+        return 0
+    offsets, total = {}, 0
+    for key, t in tensors.items():
+        offsets[key] = total
+        total += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
+    arena = huge_page_buffer(total)
+    for key, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        view = arena[offsets[key]:offsets[key] + nbytes].view(t.dtype).view(t.shape)
+        view.copy_(t)
+        t.data = view  # every module holding this parameter (tied ones too) now reads the arena
+    return total
