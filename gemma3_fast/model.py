@@ -7,6 +7,8 @@ fused where that saves matmul calls: q|k|v in one projection, gate|up in another
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import nn
 
@@ -48,11 +50,24 @@ class Gemma3Block(nn.Module):
     def forward(self, h, y, positions, rope, k_cache, v_cache, ring: bool, write_cache: bool, next_norm, ops):
         """h: residual stream [T, hidden]; y: this block's input-normed h; rope: (cos, sin) for this layer's
         base. Returns (h, next block's y). The whole block is one op (see reference_ops.decoder_layer)."""
+        weights, scales, norms = self._op_lists(next_norm)
+        return ops.decoder_layer(h, y, positions, *rope, k_cache, v_cache, weights, scales, norms, self.hq,
+                                 self.window, self.scale, self.eps, ring, write_cache)
+
+    def _op_lists(self, next_norm) -> tuple[list, list, list]:
+        """The op's weight, scale and norm lists, built once and reused while the same tensor objects are in
+        place. Rebuilding them (a dozen nn.Module attribute lookups) cost ~35 us per block per decode step,
+        ~4% of a bf16 step. The check reads the modules' dicts directly and compares identities: the cache holds
+        the tensors it compares against, so their ids cannot be reused."""
         projections = (self.qkv_proj, self.o_proj, self.gate_up_proj, self.down_proj)
-        return ops.decoder_layer(
-            h, y, positions, *rope, k_cache, v_cache, [p.weight for p in projections], [p.scales for p in projections],
-            [self.q_norm, self.k_norm, self.post_attn_norm, self.pre_ff_norm, self.post_ff_norm, next_norm],
-            self.hq, self.window, self.scale, self.eps, ring, write_cache)
+        current = [m._parameters["weight"] for m in projections] + [m._buffers["scales"] for m in projections]
+        current += [self._parameters[n] for n in ("q_norm", "k_norm", "post_attn_norm", "pre_ff_norm",
+                                                  "post_ff_norm")] + [next_norm]
+        cached = self.__dict__.get("_op_lists_cache")
+        if cached is None or not all(map(operator.is_, cached[0], current)):
+            cached = (current, (current[:4], current[4:8], current[8:]))
+            self.__dict__["_op_lists_cache"] = cached
+        return cached[1]
 
 
 class Gemma3Model(nn.Module):
@@ -115,8 +130,9 @@ class Gemma3Model(nn.Module):
         rope_global = rope_cos_sin(positions, self.inv_freq_global)
         if cache is None:
             empty = h.new_zeros(0, c.num_key_value_heads, c.head_dim)
-        for i, layer in enumerate(self.layers):
-            next_norm = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.final_norm
+        layers = list(self.layers)  # indexing a ModuleList is slow (string keys): a plain list, once per forward
+        for i, layer in enumerate(layers):
+            next_norm = layers[i + 1].input_norm if i + 1 < len(layers) else self.final_norm
             rope = rope_local if layer.window else rope_global
             if cache is None:
                 h, y = layer(h, y, positions, rope, empty, empty, False, False, next_norm, ops)

@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <optional>
 #include <vector>
 
@@ -253,15 +254,22 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::
   std::vector<PreparedX> px;
   for (int64_t t = 0; t < tokens; ++t) px.push_back(prepare(xp + t * k, xb ? xb + t * k : nullptr, k, wt));
   const float* sp = scales.has_value() ? scales->data_ptr<float>() : nullptr;
-  // Blocks of 64 rows: enough work per task, an even split between threads.
+  // Rows are handed out in chunks (about 8 per thread, whole blocks of 64 rows) from a shared counter rather
+  // than split evenly up front: a thread woken late, or reading slower, no longer leaves the other waiting at
+  // the end of every matrix. Whole bf16 decode steps, one process, interleaved: 1.03-1.04x the even split.
   const int64_t grain = 64;
+  const int64_t threads = at::get_num_threads();
+  const int64_t chunk = std::max<int64_t>(grain, (n / (threads * 8) + grain - 1) / grain * grain);
+  const int64_t nchunks = (n + chunk - 1) / chunk;
   auto run = [&](auto w_tag, auto o_tag) {
     using TW = decltype(w_tag);
     using TO = decltype(o_tag);
     const TW* wp = static_cast<const TW*>(weight.data_ptr());
     TO* op = out.data_ptr<TO>();
-    at::parallel_for(0, (n + grain - 1) / grain, 1, [&](int64_t b, int64_t e) {
-      gemv_rows<TW, TO>(xp, px, tokens, wp, sp, op, n, k, b * grain, std::min(n, e * grain));
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, std::min(threads, nchunks), 1, [&](int64_t, int64_t) {
+      for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < nchunks;)
+        gemv_rows<TW, TO>(xp, px, tokens, wp, sp, op, n, k, c * chunk, std::min(n, (c + 1) * chunk));
     });
   };
   dispatch_float_bf16(x.scalar_type(), [&](auto o_tag) {
