@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -210,10 +211,15 @@ void attention_prefill_kernel(const T* q, const T* k, const T* v, const T* kc, c
       }
     });
     const int64_t nblocks = (t + kQueryBlock - 1) / kQueryBlock;
-    at::parallel_for(0, nblocks, 1, [&](int64_t b, int64_t e) {
+    // Causal: a later query block sees more keys, so an even split of blocks between threads is uneven work
+    // (2 threads, 16 blocks: 36 vs 100 key blocks). Threads take blocks from a shared counter, last (largest)
+    // first.
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), nblocks), 1, [&](int64_t, int64_t) {
       const int64_t rows_max = kQueryBlock * g;
       std::vector<float> qb(rows_max * d), acc(rows_max * d), sc(rows_max * kKeyBlock), m(rows_max), l(rows_max);
-      for (int64_t blk = b; blk < e; ++blk) {
+      for (int64_t taken; (taken = next.fetch_add(1, std::memory_order_relaxed)) < nblocks;) {
+        const int64_t blk = nblocks - 1 - taken;
         const int64_t t0 = blk * kQueryBlock, t1 = std::min(t, t0 + kQueryBlock);
         const int64_t rows = (t1 - t0) * g;  // row r = (token t0 + r / g, head gi * g + r % g)
         for (int64_t r = 0; r < rows; ++r) {

@@ -90,6 +90,29 @@ inline float exp_shift_sum(float* s, float shift, int64_t n) {
   return sum;
 }
 
+// out[i] = gelu_tanh(gate[i]) * up[i] in fp32, rounded once to TO. gelu_tanh(x) = 0.5 x (1 + tanh(u)) with
+// u = sqrt(2/pi) (x + 0.044715 x^3), and 1 + tanh(u) = 2 - 2 / (1 + e^(2u)) (exp8 clamps: no inf, no NaN).
+template <typename TO, typename TI>
+inline void gelu_tanh_mul(TO* out, const TI* gate, const TI* up, int64_t n) {
+  constexpr float kC = 0.7978845608028654f, kA = 0.044715f;
+  int64_t i = 0;
+#ifdef GEMMA3_AVX2
+  const __m256 c = _mm256_set1_ps(kC), a = _mm256_set1_ps(kA), one = _mm256_set1_ps(1.f),
+               two = _mm256_set1_ps(2.f), half = _mm256_set1_ps(0.5f);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 x = load8(gate + i);
+    const __m256 u = _mm256_mul_ps(c, _mm256_fmadd_ps(_mm256_mul_ps(a, x), _mm256_mul_ps(x, x), x));
+    const __m256 e = exp8(_mm256_add_ps(u, u));
+    const __m256 one_plus_tanh = _mm256_sub_ps(two, _mm256_div_ps(two, _mm256_add_ps(one, e)));
+    store8(out + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(half, x), one_plus_tanh), load8(up + i)));
+  }
+#endif
+  for (; i < n; ++i) {
+    const float x = to_f32(gate[i]);
+    out[i] = from_f32<TO>(0.5f * x * (1.f + std::tanh(kC * (x + kA * x * x * x))) * to_f32(up[i]));
+  }
+}
+
 // max(init, s[0..n)), vectorized (std::max in a loop is not: the compiler keeps its NaN ordering).
 inline float max_value(const float* s, int64_t n, float init) {
   int64_t i = 0;
