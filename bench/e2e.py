@@ -2,14 +2,16 @@
 weights (the default Gemma 3 270M), same threads, one run. Also: measured memory bandwidth and the decode
 roofline per dtype, decode speed at position ~100 vs ~4000, and int8 quality against bf16.
 
-    python bench/e2e.py                  # the README table (about 5 minutes on 2 cores)
+    python bench/e2e.py                  # the README table (about 12 minutes on 2 cores; 14 with --llama-cpp)
     python bench/e2e.py --llama-cpp      # adds llama-cpp-python on the same GGUF, if it is installed
     python bench/e2e.py --json out.json  # also write the raw numbers
 
 Each engine runs in its own subprocess (clean peak RSS, no state shared between rows). Decode tok/s is
 1 / median step time over 128 greedy steps after a 512-token prompt (EOS ignored); prefill tok/s is the
 512-token prompt in one shot, median of 3 runs (1 when a run takes over 5 s). The whole list runs --rounds
-times in turn (default 3) and every number in the table is the median over the rounds.
+times in turn (default 3) and every number in the table is the median over the rounds. Each round also runs
+a head-to-head child per dtype: this package and transformers in one process, decode steps alternating, for
+a decode ratio that the host's bandwidth drift between processes cannot skew.
 """
 
 from __future__ import annotations

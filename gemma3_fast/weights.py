@@ -130,6 +130,7 @@ def build_model(config: Gemma3Config, get_tensor: Callable[[str], torch.Tensor],
             if isinstance(module, Linear):
                 module.scales = torch.empty(module.weight.shape[0], device="meta")
     model.load_state_dict(state, strict=True, assign=True)
+    del state  # the model holds the tensors now; the huge-page move below frees each original as it goes
     model.tie_weights()
     model = model.to(device)
     if model.device.type == "cpu":
