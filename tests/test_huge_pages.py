@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import mmap
-import sys
 
 import pytest
 import torch
@@ -34,7 +33,8 @@ def test_buffer_outlives_its_mapping_reference():
     t.fill_(1.5)
     view = t[10:20]
     del t
-    assert sys.getrefcount(view) > 0 and torch.equal(view, torch.full((10,), 1.5))
+    torch.ones(64 << 20).sum()  # churn memory: an unmapped region would now fault or read foreign data
+    assert torch.equal(view, torch.full((10,), 1.5))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
