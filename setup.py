@@ -9,6 +9,8 @@ download another torch, a multi-GB CUDA wheel). Environment switches:
 
 import glob
 import os
+import shlex
+import subprocess
 
 from setuptools import setup
 
@@ -28,12 +30,35 @@ def want_cuda() -> bool:
     return available
 
 
+def shared_libstdcxx_link_args() -> list[str]:
+    """Link the shared libstdc++ that torch loaded, when the compiler would link a static copy instead.
+
+    Some toolchains ship only libstdc++.a (seen: the GCC under /opt/gcc of a CUDA image). The linker then puts
+    a private libstdc++ into _C. Its iostreams meet locale facets registered by torch's shared copy, and
+    formatting a number into an error message (every TORCH_CHECK that prints a shape) segfaults instead of
+    raising.
+    """
+    try:
+        found = subprocess.run(shlex.split(os.environ.get("CXX", "c++")) + ["-print-file-name=libstdc++.so"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return []
+    if os.path.isabs(found) or not os.path.exists("/proc/self/maps"):
+        return []  # the compiler finds the shared library itself (the usual case), or this is not Linux
+    with open("/proc/self/maps") as maps:  # torch is imported above, so its libstdc++ is mapped
+        loaded = sorted({line.split()[-1] for line in maps if "/libstdc++.so" in line})
+    if not loaded:
+        return []
+    print(f"gemma3_fast: {os.environ.get('CXX', 'c++')} has no shared libstdc++; linking torch's {loaded[0]}")
+    return [loaded[0]]
+
+
 def extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     march = os.environ.get("GEMMA3_FAST_MARCH", "native")
     # OpenMP matters: at::parallel_for is a header template that runs on one thread without it.
     cxx = ["-O3", "-std=c++17", "-fopenmp", f"-march={march}", "-DNDEBUG"]
-    kwargs = dict(extra_link_args=["-fopenmp"], include_dirs=[os.path.join(here, "csrc")])
+    kwargs = dict(extra_link_args=["-fopenmp"] + shared_libstdcxx_link_args(), include_dirs=[os.path.join(here, "csrc")])
     if want_cuda():
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-DGEMMA3_WITH_CUDA"]
