@@ -82,7 +82,7 @@ def bench_gemma3_fast(backend, dtype, quantize, long_context):
         for _ in range(steps):
             for i, cache in enumerate(caches):
                 t0 = time.perf_counter()
-                tokens[i] = model.decode(tokens[i], cache).argmax(-1)  # greedy, as generation does
+                tokens[i] = model.ops.argmax(model.decode(tokens[i], cache))  # greedy, as generation does
                 times[i].append(time.perf_counter() - t0)
             if probe is not None:
                 probe.sample()
@@ -135,11 +135,12 @@ def bench_transformers(dtype):
 def transformers_stepper(model, prompt):
     """Prefill `prompt` [1, T] with transformers' own KV cache; returns a function doing one greedy step."""
     out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
-    state = {"past": out.past_key_values, "token": out.logits[:, -1].argmax(-1, keepdim=True)}
+    # Greedy as transformers' generate() picks: an fp32 copy of the last logits, then argmax.
+    state = {"past": out.past_key_values, "token": out.logits[:, -1].float().argmax(-1, keepdim=True)}
 
     def step():
         out = model(input_ids=state["token"], past_key_values=state["past"], use_cache=True)
-        state["past"], state["token"] = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        state["past"], state["token"] = out.past_key_values, out.logits[:, -1].float().argmax(-1, keepdim=True)
 
     return step
 
@@ -159,7 +160,7 @@ def bench_head_to_head(dtype):
         state = {"token": ours.prefill(ids, cache).float().argmax(-1)}
 
         def our_step():
-            state["token"] = ours.decode(state["token"], cache).argmax(-1)
+            state["token"] = ours.ops.argmax(ours.decode(state["token"], cache))
 
         hf_step = transformers_stepper(hf, ids[None])
         ours_t, hf_t = [], []

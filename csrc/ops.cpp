@@ -21,6 +21,9 @@ TORCH_LIBRARY(gemma3_fast, m) {
   // y = x @ weight^T, weight [N,K] in fp32, bf16, or int8 with per-row fp32 scales [N]; fp32 accumulation,
   // output in x's dtype. Few tokens: bandwidth-bound AVX2 kernel; many: fp32 sgemm.
   m.def("linear(Tensor x, Tensor weight, Tensor? scales=None) -> Tensor");
+  // Index (int64) of the largest value along the last dim, as torch.argmax(x, -1): the first among equals, NaN
+  // above everything. Greedy decoding's pick over the vocabulary.
+  m.def("argmax(Tensor x) -> Tensor");
   // One whole block, the composition of the ops above (reference_ops.decoder_layer is its specification):
   // y -> qkv -> qk_norm_rope -> attention (-> kv_cache_write) -> o -> add_rms_norm -> gated gelu-tanh MLP ->
   // add_rms_norm. h: residual stream [T, hidden]; y: h after this block's input norm.

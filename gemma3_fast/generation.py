@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from . import ops as ops_module
 from .loading import load_model_and_tokenizer
 from .model import Gemma3Model
 from .sampling import SamplingParams, sample
@@ -81,6 +82,7 @@ class Gemma3LM:
             raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) = {total} "
                              f"exceeds the model's context of {self.config.max_position_embeddings} tokens")
         model, device = self.model, self.model.device
+        argmax = ops_module.resolve_backend(model.backend, "cpu").argmax  # sampling runs on CPU logits
         generator = None
         if seed is not None:
             generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -91,7 +93,7 @@ class Gemma3LM:
 
         t0 = time.perf_counter()
         logits = model.prefill(ids, cache, prefill_chunk)
-        token = sample(logits[0].cpu(), params, None if seen is None else seen.cpu(), generator)
+        token = sample(logits[0].cpu(), params, None if seen is None else seen.cpu(), generator, argmax)
         stats.prefill_s = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -105,7 +107,7 @@ class Gemma3LM:
             if seen is not None:
                 seen = torch.cat((seen, tok))
             logits = model.decode(tok, cache)
-            token = sample(logits[0].cpu(), params, None if seen is None else seen.cpu(), generator)
+            token = sample(logits[0].cpu(), params, None if seen is None else seen.cpu(), generator, argmax)
             stats.decode_steps += 1
             stats.decode_s = time.perf_counter() - t0
         stats.peak_memory_bytes = peak_memory_bytes(device)

@@ -15,7 +15,8 @@ import torch
 
 from . import reference_ops
 
-OP_NAMES = ("rms_norm", "add_rms_norm", "qk_norm_rope", "kv_cache_write", "attention", "linear", "decoder_layer")
+OP_NAMES = ("rms_norm", "add_rms_norm", "qk_norm_rope", "kv_cache_write", "attention", "linear", "argmax",
+            "decoder_layer")
 BACKENDS = ("auto", "extension", "reference")
 
 try:
@@ -67,6 +68,10 @@ if EXTENSION_AVAILABLE:
     @torch.library.register_fake(_lib + "linear")
     def _(x, weight, scales=None):
         return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+    @torch.library.register_fake(_lib + "argmax")
+    def _(x):
+        return x.new_empty(x.shape[:-1], dtype=torch.long)
 
     @torch.library.register_fake(_lib + "decoder_layer")
     def _(h, y, positions, cos, sin, k_cache, v_cache, weights, scales, norms, num_heads, window, scale, eps, ring,

@@ -116,6 +116,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = 
     return F.linear(x, (weight.float() * scales[:, None]).to(x.dtype))
 
 
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """Index of the largest value along the last dim: the first among equals, NaN above everything."""
+    return torch.argmax(x, dim=-1)
+
+
 def decoder_layer(h: torch.Tensor, y: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                   k_cache: torch.Tensor, v_cache: torch.Tensor, weights: list[torch.Tensor],
                   scales: list[torch.Tensor | None], norms: list[torch.Tensor], num_heads: int, window: int,

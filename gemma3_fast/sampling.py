@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from . import reference_ops
 
 
 @dataclass
@@ -40,15 +43,17 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None = None,
-           generator: torch.Generator | None = None) -> int:
-    """Pick the next token from last-position logits [vocab]."""
+           generator: torch.Generator | None = None,
+           argmax: Callable[[torch.Tensor], torch.Tensor] = reference_ops.argmax) -> int:
+    """Pick the next token from last-position logits [vocab]. `argmax` is the backend's op: torch's CPU argmax is a
+    scalar loop (~225 us over 262144 fp32 logits, ~950 us over bf16 ones), the extension's ~30 us."""
     if params.temperature == 0 and (seen is None or params.repetition_penalty == 1.0):
-        return int(torch.argmax(logits))  # bf16 -> fp32 is exact and monotonic: no fp32 copy of 262144 logits
+        return int(argmax(logits))  # bf16 -> fp32 is exact and monotonic: no fp32 copy of 262144 logits
     logits = logits.float()
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.temperature == 0:
-        return int(torch.argmax(logits))
+        return int(argmax(logits))
     logits = logits / params.temperature
     if params.top_k > 0:
         kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]

@@ -273,6 +273,58 @@ def test_linear_opcheck_and_bad_inputs():
         ext.linear(x, w.half())
 
 
+# -- argmax: greedy decoding's pick -----------------------------------------------------------------
+def _argmax_input(shape, dtype, case, seed):
+    x = randn(*shape, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    if case == "ties":  # few distinct values: the first of several equal maxima must win
+        x = x.round()
+    elif case == "max_at_ends":  # the maximum on the first and on the last element: part boundaries and tails
+        x[..., 0] = 100.0
+        x[..., -1] = 100.0
+    elif case == "nan":  # NaN counts as the largest value, and the first NaN wins
+        x[..., torch.randint(0, shape[-1], (3,), generator=g)] = float("nan")
+    elif case == "all_neg_inf":
+        x.fill_(float("-inf"))
+    elif case == "signed_zeros":  # -0.0 == +0.0: the first of either
+        x = torch.where(torch.rand(shape, generator=g) < 0.5, -0.0, 0.0) - (torch.rand(shape, generator=g) < 0.3).float()
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(262144,), (1, 262144), (1, 40003), (3, 1000), (2, 5, 33), (7,), (1, 1)])
+@pytest.mark.parametrize("case", ["random", "ties", "max_at_ends", "nan", "all_neg_inf", "signed_zeros"])
+def test_argmax(shape, dtype, case):
+    for seed in range(3):
+        x = _argmax_input(shape, dtype, case, seed)
+        out = ext.argmax(x)
+        assert out.dtype == torch.long and out.shape == x.shape[:-1]
+        assert torch.equal(out, ref.argmax(x)), (case, seed)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_argmax_row_split_matches_torch(threads):
+    """One long row is split among the threads; the parts' answers combine to the first maximum of the row."""
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for seed in range(5):
+            x = randn(1, 100_000, seed=seed).round()  # ties across the parts
+            assert torch.equal(ext.argmax(x), ref.argmax(x))
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_argmax_opcheck_and_bad_inputs():
+    torch.library.opcheck(ext.argmax.default, (randn(3, 100),))
+    with pytest.raises(RuntimeError, match="argmax needs a non-empty last dimension, got shape \\[3, 0\\]"):
+        ext.argmax(torch.empty(3, 0))
+    with pytest.raises(RuntimeError, match="x must be float32 or bfloat16, got Half"):
+        ext.argmax(randn(3, 10).half())
+    with pytest.raises(RuntimeError, match="x must be contiguous"):
+        ext.argmax(randn(10, 3).t())
+
+
 # -- decoder_layer: a whole block in one op ---------------------------------------------------------
 def _block_args(t, start, window, slots, dtype, int8=False, write_cache=True, hidden=64, hq=4, hk=1, d=32, inter=96):
     from gemma3_fast.quantize import quantize_int8
