@@ -254,6 +254,20 @@ def test_linear(x_dtype, w_kind, tokens, k, n):
         assert kernel_err <= 2 * ref_err + 1e-3 * r32.abs().max().item(), (kernel_err, ref_err)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("n", [1, 63, 64, 65, 1536, 262144 // 64 + 5])
+def test_linear_decode_rows_all_written_once(threads, n):
+    """The decode kernel hands rows out in shrinking chunks from a shared counter: every row, once, for any
+    thread count and any row count (partial 64-row blocks included)."""
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        x, w = randn(1, 64, scale=2), randn(n, 64, seed=1)
+        torch.testing.assert_close(ext.linear(x, w), ref.linear(x, w), atol=1e-4, rtol=1e-4)
+    finally:
+        torch.set_num_threads(old)
+
+
 def test_linear_opcheck_and_bad_inputs():
     from gemma3_fast.quantize import quantize_int8
 

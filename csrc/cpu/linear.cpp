@@ -274,22 +274,29 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::
   std::vector<PreparedX> px;
   for (int64_t t = 0; t < tokens; ++t) px.push_back(prepare(xp + t * k, xb ? xb + t * k : nullptr, k, wt));
   const float* sp = scales.has_value() ? scales->data_ptr<float>() : nullptr;
-  // Rows are handed out in chunks (about 8 per thread, whole blocks of 64 rows) from a shared counter rather
-  // than split evenly up front: a thread woken late, or reading slower, no longer leaves the other waiting at
-  // the end of every matrix. Whole bf16 decode steps, one process, interleaved: 1.03-1.04x the even split.
+  // Rows are handed out from a shared counter, in guided chunks: each takes half of an even share of the rows
+  // still left (remaining / (2 * threads), whole blocks of 64 rows). The first chunks are long sequential
+  // streams; the last ones are short, so the thread that finishes first waits little for the other at the end
+  // of every matrix. Whole decode steps, one process, alternating with the fixed chunks (8 per thread) used
+  // before: bf16 1.02-1.04x, fp32 1.01-1.04x, int8 1.03x; remaining / threads was no better than fixed chunks.
   const int64_t grain = 64;
   const int64_t threads = at::get_num_threads();
-  const int64_t chunk = std::max<int64_t>(grain, (n / (threads * 8) + grain - 1) / grain * grain);
-  const int64_t nchunks = (n + chunk - 1) / chunk;
   auto run = [&](auto w_tag, auto o_tag) {
     using TW = decltype(w_tag);
     using TO = decltype(o_tag);
     const TW* wp = static_cast<const TW*>(weight.data_ptr());
     TO* op = out.data_ptr<TO>();
     std::atomic<int64_t> next{0};
-    at::parallel_for(0, std::min(threads, nchunks), 1, [&](int64_t, int64_t) {
-      for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < nchunks;)
-        gemv_rows<TW, TO>(xp, px, tokens, wp, sp, op, n, k, c * chunk, std::min(n, (c + 1) * chunk));
+    at::parallel_for(0, std::min(threads, (n + grain - 1) / grain), 1, [&](int64_t, int64_t) {
+      for (;;) {
+        int64_t r0 = next.load(std::memory_order_relaxed), len = 0;
+        do {
+          if (r0 >= n) return;
+          const int64_t share = (n - r0) / (2 * threads);
+          len = std::min(n - r0, std::max(grain, (share + grain - 1) / grain * grain));
+        } while (!next.compare_exchange_weak(r0, r0 + len, std::memory_order_relaxed));
+        gemv_rows<TW, TO>(xp, px, tokens, wp, sp, op, n, k, r0, r0 + len);
+      }
     });
   };
   dispatch_float_bf16(x.scalar_type(), [&](auto o_tag) {
