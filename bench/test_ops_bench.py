@@ -173,6 +173,16 @@ def test_linear(benchmark, impl, shape, wt):
     run(benchmark, f"linear-{wt}-{shape}", impl, fn, x, w, scales)
 
 
+# -- argmax: greedy decoding's pick over the 262144 logits -------------------------------------------------
+@pytest.mark.parametrize("impl", ["extension", "reference"])
+@pytest.mark.parametrize("dt", DTYPES)
+def test_argmax(benchmark, impl, dt):
+    """reference = torch.argmax(x, -1) on the logits' own dtype, as greedy sampling called it before."""
+    x = rnd(1, 262144, dtype=DTYPES[dt])
+    fn = {"extension": ext and ext.argmax, "reference": ref.argmax}[impl]
+    run(benchmark, f"argmax-{dt}-decode-vocab", impl, fn, x)
+
+
 # -- decoder_layer: one whole block at decode (position 600, sliding window 512) ----------------------------
 @pytest.mark.parametrize("impl", ["extension", "reference"])
 @pytest.mark.parametrize("dt", DTYPES)
