@@ -78,12 +78,70 @@ void decode_block_any(const float* qf, const KeyFn& key, const ValFn& val, int64
     for (int64_t h = 0; h < g; ++h) vec::axpy(acc + h * d, scores[h * kBlock + jj], val(j0 + jj), d);
 }
 
+#if defined(__AVX512F__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const vec::bf16* p) {  // bf16 is the high half of an fp32
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+#endif
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+constexpr bool kBf16Dot = true;
+inline __m512bh load32_bf16(const vec::bf16* p) { return (__m512bh)_mm512_loadu_si512(p); }
+#else
+constexpr bool kBf16Dot = false;
+#endif
+
 // One block of nb keys (j0 ...) for the G query heads that share a KV head: scores, softmax, P @ V.
-// Each key row is loaded once for all G heads, and the output accumulators are updated 8 columns at a time
-// across the whole block, so they stay in registers instead of a load/store per key.
+// Each key row is loaded once for all G heads, and the output accumulators are updated 8 (AVX-512: 16) columns
+// at a time across the whole block, so they stay in registers instead of a load/store per key.
+// qf: the G query rows in fp32, already scaled; qraw: the same rows unscaled, in T (for bf16 dot products).
 template <int G, typename T, typename KeyFn, typename ValFn>
-void decode_block(const float* qf, const KeyFn& key, const ValFn& val, int64_t j0, int64_t nb, int64_t d,
-                  float* scores, float* m, float* l, float* acc) {
+void decode_block(const float* qf, const T* qraw, float scale, const KeyFn& key, const ValFn& val, int64_t j0,
+                  int64_t nb, int64_t d, float* scores, float* m, float* l, float* acc) {
+#if defined(__AVX512F__)
+  // 16 columns per instruction instead of 8. With bf16 keys and AVX512-BF16, q.k runs on vdpbf16ps: 32 exact
+  // bf16 products per instruction into fp32 sums, scaled after. One call on the 2-core EPYC, cache hot, AVX2
+  // path -> this one: global layer at position 4000, bf16 218 -> 118 us, fp32 186 -> 164 us; sliding layer
+  // (512 keys) bf16 25 -> 18 us, fp32 35 -> 23 us.
+  if (d % 32 == 0) {
+    const T* vrows[kBlock];  // resolved once per block: a ring slot costs an integer division
+    for (int64_t jj = 0; jj < nb; ++jj) {
+      const T* krow = key(j0 + jj);
+      vrows[jj] = val(j0 + jj);
+      __m512 a[G];
+      for (int h = 0; h < G; ++h) a[h] = _mm512_setzero_ps();
+      if constexpr (kBf16Dot && std::is_same_v<T, vec::bf16>) {
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+        for (int64_t x = 0; x < d; x += 32) {
+          const __m512bh kv = load32_bf16(krow + x);
+          for (int h = 0; h < G; ++h) a[h] = _mm512_dpbf16_ps(a[h], load32_bf16(qraw + h * d + x), kv);
+        }
+        for (int h = 0; h < G; ++h) scores[h * kBlock + jj] = _mm512_reduce_add_ps(a[h]) * scale;
+#endif
+      } else {
+        for (int64_t x = 0; x < d; x += 16) {
+          const __m512 kv = load16(krow + x);
+          for (int h = 0; h < G; ++h) a[h] = _mm512_fmadd_ps(_mm512_loadu_ps(qf + h * d + x), kv, a[h]);
+        }
+        for (int h = 0; h < G; ++h) scores[h * kBlock + jj] = _mm512_reduce_add_ps(a[h]);
+      }
+    }
+    for (int h = 0; h < G; ++h) softmax_update(scores + h * kBlock, nb, m[h], l[h], acc + h * d, d);
+    for (int64_t x0 = 0; x0 < d; x0 += 16) {
+      __m512 o[G];
+      for (int h = 0; h < G; ++h) o[h] = _mm512_loadu_ps(acc + h * d + x0);
+      for (int64_t jj = 0; jj < nb; ++jj) {
+        const __m512 vv = load16(vrows[jj] + x0);
+        for (int h = 0; h < G; ++h) o[h] = _mm512_fmadd_ps(_mm512_set1_ps(scores[h * kBlock + jj]), vv, o[h]);
+      }
+      for (int h = 0; h < G; ++h) _mm512_storeu_ps(acc + h * d + x0, o[h]);
+    }
+    return;
+  }
+#endif
+  (void)qraw;
+  (void)scale;
 #ifdef GEMMA3_AVX2
   if (d % 8 == 0) {
     const T* vrows[kBlock];  // resolved once per block: a ring slot costs an integer division
@@ -149,7 +207,8 @@ void attention_kernel(const T* q, const T* k, const T* v, const T* kc, const T* 
         const int64_t nb = std::min(kBlock, je - j0);
         auto block = [&](auto g_tag) {
           constexpr int G = decltype(g_tag)::value;
-          decode_block<G, T>(qf.data(), key, val, j0, nb, d, scores.data(), m, l, acc);
+          decode_block<G, T>(qf.data(), q + (ti * hq + gi * g) * d, scale, key, val, j0, nb, d, scores.data(), m,
+                             l, acc);
         };
         switch (g) {  // the query heads per KV head as a constant: their accumulators stay in registers
           case 1: block(std::integral_constant<int, 1>{}); break;
