@@ -256,6 +256,16 @@ def test_linear(x_dtype, w_kind, tokens, k, n):
         assert kernel_err <= 2 * ref_err + 1e-3 * r32.abs().max().item(), (kernel_err, ref_err)
 
 
+@pytest.mark.parametrize("onednn", [True, False])
+def test_linear_prefill_fp32_backends(onednn):
+    """fp32 prefill runs oneDNN's matmul (MKL's sgemm when oneDNN is off): same values, leading dims kept."""
+    x, w = randn(2, 20, 96, scale=2), randn(48, 96, seed=1) * 96 ** -0.5
+    with torch.backends.mkldnn.flags(enabled=onednn):
+        out = ext.linear(x, w)
+    assert out.shape == (2, 20, 48)
+    torch.testing.assert_close(out, ref.linear(x, w), atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("n", [1, 63, 64, 65, 1536, 262144 // 64 + 5])
 def test_linear_decode_rows_all_written_once(threads, n):
