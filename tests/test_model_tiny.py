@@ -50,6 +50,29 @@ def test_decode_across_window_edges_matches_full_forward(tiny_folder, backend):
     torch.testing.assert_close(torch.cat(steps), full[2:], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_swapped_weights_are_used_not_stale_ones(tiny_folder, backend):
+    """The model gathers its blocks' op arguments once and reuses them while the same objects are in place: a
+    replaced weight, norm or whole projection must be picked up by the next forward."""
+    model, fresh = load_tiny(tiny_folder, backend), load_tiny(tiny_folder, backend)
+    ids = prompt(12)
+    with torch.inference_mode():
+        before = model(ids, torch.arange(12), None, all_logits=True)
+        g = torch.Generator().manual_seed(1)
+        for m in (model, fresh):  # the same three swaps on both; `fresh` has never run a forward
+            block = m.layers[1]
+            block.o_proj.weight = torch.nn.Parameter(torch.randn(block.o_proj.weight.shape, generator=g) * 0.1)
+            block.post_ff_norm = torch.nn.Parameter(torch.randn(block.post_ff_norm.shape, generator=g))
+            new_proj = type(m.layers[2].down_proj)(*m.layers[2].down_proj.weight.shape[::-1])
+            new_proj.weight = torch.nn.Parameter(torch.randn(new_proj.weight.shape, generator=g) * 0.1)
+            m.layers[2].down_proj = new_proj
+            g.manual_seed(1)
+        after = model(ids, torch.arange(12), None, all_logits=True)
+        expected = fresh(ids, torch.arange(12), None, all_logits=True)
+    assert not torch.allclose(after, before)
+    torch.testing.assert_close(after, expected, atol=0, rtol=0)
+
+
 def test_no_tensor_grows_during_decoding(tiny_folder):
     model = load_tiny(tiny_folder)
     cache = model.new_cache(N)
