@@ -33,6 +33,12 @@ TORCH_LIBRARY(gemma3_fast, m) {
   m.def("decoder_layer(Tensor h, Tensor y, Tensor positions, Tensor cos, Tensor sin, Tensor(a!) k_cache, "
         "Tensor(b!) v_cache, Tensor[] weights, Tensor?[] scales, Tensor[] norms, int num_heads, int window, "
         "float scale, float eps, bool ring, bool write_cache) -> (Tensor, Tensor)");
+  // All blocks in order, decoder_layer on each, in one call (a decode step's whole body). Per layer i:
+  // rope[2i], rope[2i+1] (cos, sin), k_caches[i], v_caches[i], weights[4i:4i+4], scales[4i:4i+4],
+  // norms[6i:6i+6], windows[i], ring[i]. Returns (h, y) after the last block.
+  m.def("decoder_layers(Tensor h, Tensor y, Tensor positions, Tensor[] rope, Tensor(a!)[] k_caches, "
+        "Tensor(b!)[] v_caches, Tensor[] weights, Tensor?[] scales, Tensor[] norms, int[] windows, bool[] ring, "
+        "int num_heads, float scale, float eps, bool write_cache) -> (Tensor, Tensor)");
 }
 
 // Importing gemma3_fast._C loads this library, which runs the registrations above.

@@ -61,21 +61,26 @@ class Gemma3Block(nn.Module):
 
 
 class _BlockPlan:
-    """Every block's decoder_layer arguments, gathered once and reused while the model's modules, parameters
-    and buffers are the same objects. Gathering them per block per step through nn.Module (attribute lookups,
-    __call__) cost ~0.5 ms of a 14-20 ms bf16 decode step. `valid` re-reads every object through the dicts
-    the modules keep them in and compares identities (~20 us), so a swapped weight (quantize, tie_weights,
-    load_state_dict(assign=True), a replaced submodule) rebuilds the plan instead of running stale tensors."""
+    """Every block's arguments of the decoder_layers op, gathered once and reused while the model's modules,
+    parameters and buffers are the same objects. Gathering them per step through nn.Module (attribute lookups,
+    __call__ per block) cost ~0.5 ms of a 14-20 ms bf16 decode step. `valid` re-reads every object through the
+    dicts the modules keep them in and compares identities (~20 us), so a swapped weight (quantize,
+    tie_weights, load_state_dict(assign=True), a replaced submodule) rebuilds the plan instead of running stale
+    tensors."""
 
     def __init__(self, model: "Gemma3Model"):
         layers = list(model.layers)
         self.guards: list[tuple[dict, str, object]] = [(model._modules, "layers", model.layers),
                                                        (model._parameters, "final_norm", model.final_norm)]
         self.guards += [(model.layers._modules, name, block) for name, block in model.layers._modules.items()]
-        self.blocks = []
+        self.weights, self.scales, self.norms = [], [], []
+        self.windows = [block.window for block in layers]
         for i, block in enumerate(layers):
             next_norm = layers[i + 1].input_norm if i + 1 < len(layers) else model.final_norm
-            self.blocks.append((*block.op_args(next_norm), block.window))
+            weights, scales, norms = block.op_args(next_norm)
+            self.weights += weights
+            self.scales += scales
+            self.norms += norms
             for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
                 proj = block._modules[name]
                 self.guards += [(block._modules, name, proj), (proj._parameters, "weight", proj.weight),
@@ -149,17 +154,16 @@ class Gemma3Model(nn.Module):
         y = ops.rms_norm(h, plan.first_norm, c.rms_norm_eps)
         rope_local = rope_cos_sin(positions, self.inv_freq_local)
         rope_global = rope_cos_sin(positions, self.inv_freq_global)
-        if cache is None:
+        rope = [t for window in plan.windows for t in (rope_local if window else rope_global)]
+        layers = len(plan.windows)
+        if cache is None:  # no cache to read or write: empty ones, never written (write_cache=False)
             empty = h.new_zeros(0, c.num_key_value_heads, c.head_dim)
-        hq, scale = c.num_attention_heads, c.attn_scale
-        for i, (weights, scales, norms, window) in enumerate(plan.blocks):
-            rope = rope_local if window else rope_global
-            if cache is None:
-                h, y = ops.decoder_layer(h, y, positions, *rope, empty, empty, weights, scales, norms, hq, window,
-                                         scale, c.rms_norm_eps, False, False)
-            else:
-                h, y = ops.decoder_layer(h, y, positions, *rope, cache.k[i], cache.v[i], weights, scales, norms, hq,
-                                         window, scale, c.rms_norm_eps, cache.ring[i], True)
+            k_caches, v_caches, ring = [empty] * layers, [empty] * layers, [False] * layers
+        else:
+            k_caches, v_caches, ring = cache.k, cache.v, cache.ring
+        h, y = ops.decoder_layers(h, y, positions, rope, k_caches, v_caches, plan.weights, plan.scales, plan.norms,
+                                  plan.windows, ring, c.num_attention_heads, c.attn_scale, c.rms_norm_eps,
+                                  cache is not None)
         return self.lm_head(y if all_logits else y[-1:], ops)
 
     def _block_plan(self) -> _BlockPlan:

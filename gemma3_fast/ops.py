@@ -16,7 +16,7 @@ import torch
 from . import reference_ops
 
 OP_NAMES = ("rms_norm", "add_rms_norm", "qk_norm_rope", "kv_cache_write", "attention", "linear", "argmax",
-            "decoder_layer")
+            "decoder_layer", "decoder_layers")
 BACKENDS = ("auto", "extension", "reference")
 
 try:
@@ -75,6 +75,11 @@ if EXTENSION_AVAILABLE:
 
     @torch.library.register_fake(_lib + "decoder_layer")
     def _(h, y, positions, cos, sin, k_cache, v_cache, weights, scales, norms, num_heads, window, scale, eps, ring,
+          write_cache):
+        return torch.empty_like(h), torch.empty_like(h)
+
+    @torch.library.register_fake(_lib + "decoder_layers")
+    def _(h, y, positions, rope, k_caches, v_caches, weights, scales, norms, windows, ring, num_heads, scale, eps,
           write_cache):
         return torch.empty_like(h), torch.empty_like(h)
 

@@ -147,3 +147,23 @@ def decoder_layer(h: torch.Tensor, y: torch.Tensor, positions: torch.Tensor, cos
     gate, up = linear(y, w_gate_up, s_gate_up).chunk(2, dim=-1)
     mlp = linear(F.gelu(gate, approximate="tanh") * up, w_down, s_down)
     return add_rms_norm(mlp, h, post_ff_norm, next_norm, eps)
+
+
+def decoder_layers(h: torch.Tensor, y: torch.Tensor, positions: torch.Tensor, rope: list[torch.Tensor],
+                   k_caches: list[torch.Tensor], v_caches: list[torch.Tensor], weights: list[torch.Tensor],
+                   scales: list[torch.Tensor | None], norms: list[torch.Tensor], windows: list[int], ring: list[bool],
+                   num_heads: int, scale: float, eps: float, write_cache: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """All blocks in order: decoder_layer on layer i with rope[2i], rope[2i+1] (cos, sin), k_caches[i],
+    v_caches[i], weights[4i:4i+4], scales[4i:4i+4], norms[6i:6i+6], windows[i], ring[i]. Returns (h, y)."""
+    n = len(windows)
+    for name, got, per_layer in (("rope", rope, 2), ("k_caches", k_caches, 1), ("v_caches", v_caches, 1),
+                                 ("weights", weights, 4), ("scales", scales, 4), ("norms", norms, 6),
+                                 ("ring", ring, 1)):
+        if len(got) != per_layer * n:
+            raise ValueError(f"decoder_layers takes {per_layer} {name} per layer: {n} layers (the length of "
+                             f"windows) need {per_layer * n}, got {len(got)}")
+    for i in range(n):
+        h, y = decoder_layer(h, y, positions, rope[2 * i], rope[2 * i + 1], k_caches[i], v_caches[i],
+                             weights[4 * i:4 * i + 4], scales[4 * i:4 * i + 4], norms[6 * i:6 * i + 6], num_heads,
+                             windows[i], scale, eps, ring[i], write_cache)
+    return h, y

@@ -415,6 +415,82 @@ def test_decoder_layer(start, t, window, slots, int8, dtype):
             assert kernel_err <= 2 * ref_err + 1e-2 * r32.abs().max().item(), (kernel_err, ref_err)
 
 
+def _stack_args(t, start, dtype, windows=(W, W, 0, W), int8=False, slots=64):
+    """decoder_layers' arguments for len(windows) blocks, each with its own weights and cache (a ring of W slots
+    for sliding blocks, `slots` for global ones), and the per-block decoder_layer argument lists."""
+    blocks = []
+    for i, window in enumerate(windows):
+        args = _block_args(t, start, window, W if window else slots, dtype, int8)
+        # _block_args is seeded: make the blocks differ (int8 weights through their scales)
+        args[7] = [w if w.dtype == torch.int8 else w * (1 + 0.1 * i) for w in args[7]]
+        args[8] = [s if s is None else s * (1 + 0.1 * i) for s in args[8]]
+        args[9] = [n + 0.05 * i for n in args[9]]
+        blocks.append(args)
+    h, y, positions = blocks[0][0], blocks[0][1], blocks[0][2]
+    stack = [h, y, positions, [x for b in blocks for x in (b[3], b[4])], [b[5] for b in blocks],
+             [b[6] for b in blocks], [w for b in blocks for w in b[7]], [s for b in blocks for s in b[8]],
+             [n for b in blocks for n in b[9]], list(windows), [bool(w) for w in windows], blocks[0][10],
+             blocks[0][12], blocks[0][13], True]
+    return stack, blocks
+
+
+def _clone_args(args):
+    return [[x.clone() if isinstance(x, torch.Tensor) else x for x in a] if isinstance(a, list)
+            else a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("start,t", [(0, 1), (9, 1), (45, 1), (0, 20), (30, 17)])
+def test_decoder_layers_equals_its_blocks_one_by_one(start, t, int8, dtype):
+    """The stack op is decoder_layer applied block after block (same kernels: equal results, caches included),
+    and matches the reference stack."""
+    stack, blocks = _stack_args(t, start, dtype, int8=int8)
+    ref_stack = _clone_args(stack)
+    h, y = ext.decoder_layers(*stack)
+    bh, by = blocks[0][0], blocks[0][1]
+    _, fresh = _stack_args(t, start, dtype, int8=int8)  # `blocks` shares its caches with `stack`: new ones
+    for b in fresh:
+        b[0], b[1] = bh, by
+        bh, by = ext.decoder_layer(*b)
+    assert torch.equal(h, bh) and torch.equal(y, by)
+    for i, b in enumerate(fresh):
+        assert torch.equal(stack[4][i], b[5]) and torch.equal(stack[5][i], b[6])
+    rh, ry = ref.decoder_layers(*ref_stack)
+    tol = (2e-3 if int8 else 1e-4) if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(h.float(), rh.float(), atol=tol * max(1, rh.abs().max().item()), rtol=tol)
+    torch.testing.assert_close(y.float(), ry.float(), atol=tol * max(1, ry.abs().max().item()), rtol=tol)
+
+
+def test_decoder_layers_opcheck_and_bad_inputs():
+    stack, _ = _stack_args(1, 9, torch.float32)
+    torch.library.opcheck(ext.decoder_layers.default, tuple(stack))
+    stack, _ = _stack_args(3, 4, torch.float32, windows=(0, W), int8=True)
+    torch.library.opcheck(ext.decoder_layers.default, tuple(stack))
+    stack, _ = _stack_args(1, 9, torch.float32)
+    bad = list(stack)
+    bad[6] = stack[6][:-1]
+    with pytest.raises(RuntimeError, match=r"takes 4 weights per layer \(qkv, o, gate_up, down\): 4 layers "
+                                           r"\(the length of windows\) need 16, got 15"):
+        ext.decoder_layers(*bad)
+    with pytest.raises(ValueError, match=r"takes 4 weights per layer: 4 layers \(the length of windows\) need 16"):
+        ref.decoder_layers(*bad)
+    bad = list(stack)
+    bad[3] = stack[3][:-2]
+    with pytest.raises(RuntimeError, match=r"takes 2 rope tensors per layer \(cos, sin\)"):
+        ext.decoder_layers(*bad)
+    bad = list(stack)
+    bad[6] = list(stack[6])
+    bad[6][4 * 2 + 2] = stack[6][4 * 2 + 2][:-2]  # layer 2's gate_up
+    with pytest.raises(RuntimeError, match=r"decoder_layers, layer 2: gemma3_fast: weights\[2\] \(gate_up_proj\) "
+                                           r"has 190 rows"):
+        ext.decoder_layers(*bad)
+    bad = list(stack)
+    bad[9] = []
+    with pytest.raises(RuntimeError, match="needs at least one layer"):
+        ext.decoder_layers(*bad)
+
+
 def test_decoder_layer_without_cache_write_leaves_cache_alone():
     args = _block_args(1, 9, W, W, torch.float32, write_cache=False)
     before = args[5].clone(), args[6].clone()

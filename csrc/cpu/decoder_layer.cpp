@@ -82,8 +82,52 @@ std::tuple<at::Tensor, at::Tensor> decoder_layer_cpu(const at::Tensor& h, const 
   return add_rms_norm_cpu(mlp, h1, norms[4], norms[5], eps);
 }
 
+// All blocks in one call. A decode step called decoder_layer once per block from Python: per call, the
+// interpreter, the argument parsing of ~20 arguments and the dispatcher, with their data evicted from the caches
+// by the weights streaming past in between. Argument i of each per-block list is taken from slice i.
+std::tuple<at::Tensor, at::Tensor> decoder_layers_cpu(const at::Tensor& h, const at::Tensor& y,
+                                                      const at::Tensor& positions, at::TensorList rope,
+                                                      at::TensorList k_caches, at::TensorList v_caches,
+                                                      at::TensorList weights,
+                                                      const c10::List<std::optional<at::Tensor>>& scales,
+                                                      at::TensorList norms, at::IntArrayRef windows,
+                                                      const c10::List<bool>& ring, int64_t num_heads, double scale,
+                                                      double eps, bool write_cache) {
+  const size_t n = windows.size();
+  TORCH_CHECK(n > 0, "gemma3_fast: decoder_layers needs at least one layer (windows is empty)");
+  auto check_count = [n](size_t got, size_t per_layer, const char* name, const char* what) {
+    TORCH_CHECK(got == per_layer * n, "gemma3_fast: decoder_layers takes ", per_layer, " ", name, " per layer (",
+                what, "): ", n, " layers (the length of windows) need ", per_layer * n, ", got ", got);
+  };
+  check_count(rope.size(), 2, "rope tensors", "cos, sin");
+  check_count(k_caches.size(), 1, "k_cache", "the layer's key cache");
+  check_count(v_caches.size(), 1, "v_cache", "the layer's value cache");
+  check_count(weights.size(), 4, "weights", "qkv, o, gate_up, down");
+  check_count(scales.size(), 4, "scales", "None unless int8");
+  check_count(norms.size(), 6, "norms", "q, k, post_attn, pre_ff, post_ff, next");
+  check_count(ring.size(), 1, "ring flag", "its cache is a ring");
+  at::Tensor hh = h, yy = y;
+  for (size_t i = 0; i < n; ++i) {
+    c10::List<std::optional<at::Tensor>> layer_scales;
+    layer_scales.reserve(4);
+    for (size_t j = 0; j < 4; ++j) layer_scales.push_back(scales.get(4 * i + j));
+    at::Tensor k_cache = k_caches[i], v_cache = v_caches[i];
+    try {
+      std::tie(hh, yy) = decoder_layer_cpu(hh, yy, positions, rope[2 * i], rope[2 * i + 1], k_cache, v_cache,
+                                           weights.slice(4 * i, 4), layer_scales, norms.slice(6 * i, 6), num_heads,
+                                           windows[i], scale, eps, ring.get(i), write_cache);
+    } catch (const c10::Error& e) {
+      TORCH_CHECK(false, "gemma3_fast: decoder_layers, layer ", i, ": ", e.what_without_backtrace());
+    }
+  }
+  return {hh, yy};
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(gemma3_fast, CPU, m) { m.impl("decoder_layer", &decoder_layer_cpu); }
+TORCH_LIBRARY_IMPL(gemma3_fast, CPU, m) {
+  m.impl("decoder_layer", &decoder_layer_cpu);
+  m.impl("decoder_layers", &decoder_layers_cpu);
+}
 
 }  // namespace gemma3_fast
