@@ -44,11 +44,11 @@ inline float dot_tail(const float* x, const TW* w, int64_t i0, int64_t k) {
 }
 
 // R rows at once, taken from R far-apart parts of this thread's row range: each part is read as its own
-// sequential stream. On the 2-core EPYC, whole bf16 decode steps, one process, steps alternating: with the
-// weights on 4 KiB pages four streams per thread beat one; on huge pages (gemma3_fast/huge_pages.py) two
-// streams are best, 1.06-1.12x the old four-stream/4 KiB steps (fp32, bf16, int8). Rows next to each other,
-// interleaved, are worse than one stream (the prefetcher loses them), so the rows are whole parts apart.
-// out[j] = dot(x, w[j]), fp32 sums.
+// sequential stream (rows next to each other, interleaved, are worse than one stream: the prefetcher loses
+// them). kStreams below picks R. On the 2-core EPYC, whole decode steps, one process, steps alternating:
+// with fixed chunks (8 per thread) two streams per chunk beat one; with the guided chunks of linear_cpu, one
+// stream per chunk is best: bf16 1.026x (~32 GB/s) and 1.099x (~54 GB/s) over two, fp32 1.032x and 1.070x,
+// int8 1.028x and 1.0x; four streams were no better than two. out[j] = dot(x, w[j]), fp32 sums.
 template <int R>
 inline void dot_rows(const float* x, const PreparedX&, const float* const* w, int64_t k, float* out) {
   int64_t i = 0;
@@ -200,7 +200,7 @@ PreparedX prepare(const float* x, const vec::bf16* x_bf16, int64_t k, at::Scalar
 
 // out[t][r] = scale[r] * dot(x[t], W[r]) for rows [r0, r1); x stays in L1 while W streams past. The range
 // is cut into kStreams parts that are read side by side (see dot_rows).
-constexpr int kStreams = 2;
+constexpr int kStreams = 1;
 
 template <int R, typename TW, typename TO>
 inline void rows_at(const float* x, const std::vector<PreparedX>& px, int64_t tokens, const TW* w,
@@ -222,7 +222,8 @@ void gemv_rows(const float* x, const std::vector<PreparedX>& px, int64_t tokens,
                TO* out, int64_t n, int64_t k, int64_t r0, int64_t r1) {
   const int64_t part = (r1 - r0) / kStreams;
   for (int64_t r = r0; r < r0 + part; ++r) rows_at<kStreams>(x, px, tokens, w, scales, out, n, k, r, part);
-  for (int64_t r = r0 + kStreams * part; r < r1; ++r) rows_at<1>(x, px, tokens, w, scales, out, n, k, r, 0);
+  if constexpr (kStreams > 1)
+    for (int64_t r = r0 + kStreams * part; r < r1; ++r) rows_at<1>(x, px, tokens, w, scales, out, n, k, r, 0);
 }
 
 // fp32 x @ W^T for prefill. torch's matmul goes to MKL's sgemm; oneDNN's fp32 matmul, which torch ships and
