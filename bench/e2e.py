@@ -11,7 +11,8 @@ Each engine runs in its own subprocess (clean peak RSS, no state shared between 
 512-token prompt in one shot, median of 3 runs (1 when a run takes over 5 s). The whole list runs --rounds
 times in turn (default 3) and every number in the table is the median over the rounds. Each round also runs
 a head-to-head child per dtype: this package and transformers in one process, decode steps alternating, for
-a decode ratio that the host's bandwidth drift between processes cannot skew.
+a decode ratio that the host's bandwidth drift between processes cannot skew, and an int8-vs-bf16 child (both
+models in one process, steps alternating) for the int8 speedup.
 """
 
 from __future__ import annotations
@@ -171,6 +172,31 @@ def bench_head_to_head(dtype):
             "ratio": statistics.median(h / o for o, h in zip(ours_t[2:], hf_t[2:]))}
 
 
+def bench_int8_vs_bf16():
+    """The bf16 and the int8 model in one process, their decode steps alternating: the int8 speedup under the
+    same machine conditions (rows measured minutes apart can land in different bandwidth phases)."""
+    from gemma3_fast.loading import load_model_and_tokenizer
+
+    steppers, tok = [], None
+    for quant in ("none", "int8"):
+        model, tok = load_model_and_tokenizer(None, "bfloat16", "cpu", "extension", quantize=quant)
+        ids = torch.tensor(prompt_ids(tok, PROMPT_TOKENS))
+        with torch.inference_mode():
+            cache = model.new_cache(PROMPT_TOKENS + DECODE_STEPS + 1)
+            state = {"token": model.prefill(ids, cache).float().argmax(-1)}
+
+        def step(model=model, cache=cache, state=state):
+            state["token"] = model.ops.argmax(model.decode(state["token"], cache))
+
+        steppers.append(step)
+    bf16_t, int8_t = [], []
+    for _ in range(DECODE_STEPS // 2):
+        bf16_t.append(timed(steppers[0])[1])
+        int8_t.append(timed(steppers[1])[1])
+    return {"bf16_tps": 1 / statistics.median(bf16_t[2:]), "int8_tps": 1 / statistics.median(int8_t[2:]),
+            "ratio": statistics.median(b / i for b, i in zip(bf16_t[2:], int8_t[2:]))}
+
+
 def bench_llama_cpp(threads):
     import numpy as np
     from llama_cpp import Llama
@@ -253,6 +279,8 @@ def child(spec: dict) -> dict:
         out = bench_llama_cpp(spec["threads"])
     elif kind == "head_to_head":
         out = bench_head_to_head(spec["dtype"])
+    elif kind == "int8_vs_bf16":
+        out = bench_int8_vs_bf16()
     else:
         out = int8_quality()
     out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -321,6 +349,7 @@ def main() -> None:
         engines.append(("llama.cpp", "-", "q4_k_m", "none"))
     runs: dict[tuple, list[dict]] = {}
     head_to_head: dict[str, list[dict]] = {}
+    int8_vs_bf16: list[dict] = []
     for rnd in range(args.rounds):
         for engine, backend, dtype, quant in engines:
             print(f"round {rnd + 1}/{args.rounds}: {engine} {backend} {dtype} {quant} ...", file=sys.stderr, flush=True)
@@ -334,6 +363,10 @@ def main() -> None:
             res = run_child(dict(engine="head_to_head", dtype=dtype, threads=args.threads))
             if res is not None:
                 head_to_head.setdefault(dtype, []).append(res)
+        print(f"round {rnd + 1}/{args.rounds}: int8 vs bf16, one process ...", file=sys.stderr, flush=True)
+        res = run_child(dict(engine="int8_vs_bf16", threads=args.threads))
+        if res is not None:
+            int8_vs_bf16.append(res)
     rows = []  # per engine: the median of each number over the rounds
     for results in runs.values():
         row = dict(results[0])
@@ -383,7 +416,12 @@ def main() -> None:
             print(f"- prefill vs transformers fp32, ours {dtype}/{quant}: {ours['prefill_tps'] / hf32['prefill_tps']:.2f}x")
     b16, i8 = find("gemma3_fast", "extension", "bfloat16"), find("gemma3_fast", "extension", "bfloat16", "int8")
     if b16 and i8:
-        print(f"- int8 decode vs bf16 decode: {i8['decode_tps'] / b16['decode_tps']:.2f}x")
+        print(f"- int8 decode vs bf16 decode, rows above: {i8['decode_tps'] / b16['decode_tps']:.2f}x")
+    if int8_vs_bf16:
+        med = {k: statistics.median(r[k] for r in int8_vs_bf16) for k in ("ratio", "int8_tps", "bf16_tps")}
+        print(f"- int8 decode vs bf16 decode, one process, steps alternating: {med['ratio']:.2f}x "
+              f"({med['int8_tps']:.1f} vs {med['bf16_tps']:.1f} tok/s; per round "
+              f"{', '.join('%.2fx' % r['ratio'] for r in int8_vs_bf16)})")
     for r in rows:
         if "decode_tps_pos4000" in r:
             print(f"- decode at position ~4000 vs ~100 (steps interleaved), {r['dtype']}/{r['quantize']}: "
@@ -394,7 +432,8 @@ def main() -> None:
               f"{quality['positions']} positions, mean |Δlogit| {quality['mean_abs_dlogit']:.3f}, perplexity "
               f"{quality['ppl_int8']:.3f} vs {quality['ppl_bf16']:.3f} ({(quality['ppl_ratio'] - 1) * 100:+.2f}%)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "quality": quality, "head_to_head": head_to_head},
+        Path(args.json).write_text(json.dumps({"rows": rows, "quality": quality, "head_to_head": head_to_head,
+                                               "int8_vs_bf16": int8_vs_bf16},
                                               indent=2))
 
 
