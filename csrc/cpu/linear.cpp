@@ -189,11 +189,8 @@ PreparedX prepare(const float* x, const vec::bf16* x_bf16, int64_t k, at::Scalar
         px.deinterleaved[i + 8 + j] = x[i + 2 * j + 1];
       }
   } else if (wt == at::kChar) {
-    float amax = 0.f;
-    for (int64_t i = 0; i < k; ++i) amax = std::max(amax, std::abs(x[i]));
-    px.q_scale = amax > 0.f ? amax / 32767.f : 1.f;
     px.q.resize(k);
-    for (int64_t i = 0; i < k; ++i) px.q[i] = static_cast<int16_t>(std::lrint(x[i] / px.q_scale));
+    px.q_scale = vec::quantize_int16(x, k, px.q.data());
   }
   return px;
 }

@@ -128,6 +128,36 @@ inline float max_value(const float* s, int64_t n, float init) {
   return mx;
 }
 
+// Symmetric int16 quantization of x[0..n): q[i] = round_to_nearest_even(x[i] / scale) with
+// scale = max|x| / 32767 (1 when x is all zeros); returns scale. The scalar loop is the specification; the
+// vector loop gives the same q (same division, same rounding: cvtps2dq and lrint both round to nearest even).
+// It runs on every int8 linear at decode, ~80k activations per token: scalar lrint calls cost ~0.3 ms a step.
+inline float quantize_int16(const float* x, int64_t n, int16_t* q) {
+  int64_t i = 0;
+  float amax = 0.f;
+#ifdef GEMMA3_AVX2
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 vm = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) vm = _mm256_max_ps(vm, _mm256_and_ps(_mm256_loadu_ps(x + i), abs_mask));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, vm);
+  for (float v : lanes) amax = std::max(amax, v);
+#endif
+  for (; i < n; ++i) amax = std::max(amax, std::abs(x[i]));
+  const float scale = amax > 0.f ? amax / 32767.f : 1.f;
+  i = 0;
+#ifdef GEMMA3_AVX2
+  const __m256 vs = _mm256_set1_ps(scale);
+  for (; i + 8 <= n; i += 8) {
+    const __m256i v = _mm256_cvtps_epi32(_mm256_div_ps(_mm256_loadu_ps(x + i), vs));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i),
+                     _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)));
+  }
+#endif
+  for (; i < n; ++i) q[i] = static_cast<int16_t>(std::lrint(x[i] / scale));
+  return scale;
+}
+
 // sum_i a[i] * b[i]
 template <typename TA, typename TB>
 inline float dot(const TA* a, const TB* b, int64_t n) {
