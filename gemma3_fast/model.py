@@ -65,8 +65,8 @@ class _BlockPlan:
     parameters and buffers are the same objects. Gathering them per step through nn.Module (attribute lookups,
     __call__ per block) cost ~0.5 ms of a 14-20 ms bf16 decode step. `valid` re-reads every object through the
     dicts the modules keep them in and compares identities (~20 us), so a swapped weight (quantize,
-    tie_weights, load_state_dict(assign=True), a replaced submodule) rebuilds the plan instead of running stale
-    tensors."""
+    load_state_dict(assign=True), a replaced submodule or norm, a changed window) rebuilds the plan instead of
+    running stale tensors."""
 
     def __init__(self, model: "Gemma3Model"):
         layers = list(model.layers)
@@ -86,6 +86,7 @@ class _BlockPlan:
                 self.guards += [(block._modules, name, proj), (proj._parameters, "weight", proj.weight),
                                 (proj._buffers, "scales", proj.scales)]
             self.guards += [(block._parameters, name, block._parameters[name]) for name in block._parameters]
+            self.guards.append((block.__dict__, "window", block.window))
         self.first_norm = layers[0].input_norm
 
     def valid(self) -> bool:
