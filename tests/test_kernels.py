@@ -256,6 +256,23 @@ def test_linear(x_dtype, w_kind, tokens, k, n):
         assert kernel_err <= 2 * ref_err + 1e-3 * r32.abs().max().item(), (kernel_err, ref_err)
 
 
+def test_int8_activation_quantization_is_exact():
+    """The int8 decode kernel quantizes x to int16 (vec::quantize_int16: vector loop, scalar tail). Through an
+    identity weight each output is one product, q[j] * scale, exact: it must equal the specification,
+    round-half-even(x / (max|x| / 32767)) * scale, for the rows the SIMD dot covers (the first 128 of 133).
+    The last 5 go through the fp32 tail, x itself; a build without SIMD gives x for every row."""
+    k = 133
+    x = randn(1, k, scale=3)
+    x[0, 5] = -x.abs().max() * 1.5  # the max |x| is negative: q = -32767 there
+    w, scales = torch.eye(k, dtype=torch.int8), torch.ones(k)
+    out = ext.linear(x, w, scales)
+    scale = x.abs().max() / 32767
+    spec = torch.round(x / scale) * scale
+    assert torch.equal(out[:, 128:], x[:, 128:])
+    assert torch.equal(out[:, :128], spec[:, :128]) or torch.equal(out, x)
+    assert not torch.equal(spec[:, :128], x[:, :128])  # the two cases differ: the assertion above can fail
+
+
 @pytest.mark.parametrize("onednn", [True, False])
 def test_linear_prefill_fp32_backends(onednn):
     """fp32 prefill runs oneDNN's matmul (MKL's sgemm when oneDNN is off): same values, leading dims kept."""

@@ -4,7 +4,7 @@
 // per token, so the kernel streams rows of W once, converts them to fp32 in registers, and reuses x from L1.
 // Prefill (many tokens) is compute bound. On CPUs with AVX512-BF16 a bf16 model runs the matmul natively in
 // bf16 (about 2x the fp32 sgemm there); elsewhere (plain AVX2) the weight is converted to fp32 once per call
-// and handed to the BLAS sgemm, far faster than the bf16 or int8 matmuls available on such CPUs.
+// and handed to the fp32 matmul (matmul_fp32), far faster than the bf16 or int8 matmuls on such CPUs.
 #include <ATen/Context.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -281,7 +281,7 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::
     at::Tensor w = weight;
     if (scales.has_value()) w = weight.to(at::kFloat).mul_(scales->unsqueeze(1));
     if (bf16_matmul) return at::matmul(x, w.to(at::kBFloat16).t());
-    return matmul_fp32(x.to(at::kFloat), w.to(at::kFloat).contiguous()).to(x.scalar_type());
+    return matmul_fp32(x.to(at::kFloat), w.to(at::kFloat)).to(x.scalar_type());
   }
 
   at::Tensor out = at::empty(out_shape, x.options());
