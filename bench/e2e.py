@@ -10,8 +10,8 @@ Each engine runs in its own subprocess (clean peak RSS, no state shared between 
 1 / median step time over 128 greedy steps after a 512-token prompt (EOS ignored); prefill tok/s is the
 512-token prompt in one shot, median of 3 runs (1 when a run takes over 5 s). The whole list runs --rounds
 times in turn (default 3) and every number in the table is the median over the rounds. Each round also runs
-a head-to-head child per dtype: this package and transformers in one process, decode steps alternating, for
-a decode ratio that the host's bandwidth drift between processes cannot skew, and an int8-vs-bf16 child (both
+a head-to-head child per dtype: this package and transformers in one process, prefills (3) then decode steps
+alternating, for ratios that the host's drift between processes cannot skew, and an int8-vs-bf16 child (both
 models in one process, steps alternating) for the int8 speedup.
 """
 
@@ -157,6 +157,16 @@ def bench_head_to_head(dtype):
     hf = Gemma3ForCausalLM.from_pretrained(default_model_dir(), torch_dtype=getattr(torch, dtype)).eval()
     ids = torch.tensor(prompt_ids(tok, PROMPT_TOKENS))
     with torch.inference_mode():
+        # Prefill too, alternating: transformers' fp32 prefill moved by 20% between runs (499-615 tok/s).
+        # For fp32 also ours with torch's opt-in switch for bf16 math in oneDNN's fp32 matmuls (see linear.cpp).
+        ours_p, hf_p, ours_bf16_math_p = [], [], []
+        for _ in range(3):
+            ours_p.append(timed(lambda: ours.prefill(ids, ours.new_cache(PROMPT_TOKENS)))[1])
+            hf_p.append(timed(lambda: hf(input_ids=ids[None], use_cache=True, logits_to_keep=1))[1])
+            if dtype == "float32":
+                torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+                ours_bf16_math_p.append(timed(lambda: ours.prefill(ids, ours.new_cache(PROMPT_TOKENS)))[1])
+                torch.backends.mkldnn.matmul.fp32_precision = "none"
         cache = ours.new_cache(PROMPT_TOKENS + DECODE_STEPS + 1)
         state = {"token": ours.prefill(ids, cache).float().argmax(-1)}
 
@@ -169,7 +179,13 @@ def bench_head_to_head(dtype):
             ours_t.append(timed(our_step)[1])
             hf_t.append(timed(hf_step)[1])
     return {"ours_tps": 1 / statistics.median(ours_t[2:]), "hf_tps": 1 / statistics.median(hf_t[2:]),
-            "ratio": statistics.median(h / o for o, h in zip(ours_t[2:], hf_t[2:]))}
+            "ratio": statistics.median(h / o for o, h in zip(ours_t[2:], hf_t[2:])),
+            "ours_prefill_tps": PROMPT_TOKENS / statistics.median(ours_p),
+            "hf_prefill_tps": PROMPT_TOKENS / statistics.median(hf_p),
+            "prefill_ratio": statistics.median(h / o for o, h in zip(ours_p, hf_p)),
+            **({"ours_bf16_math_prefill_tps": PROMPT_TOKENS / statistics.median(ours_bf16_math_p),
+                "bf16_math_prefill_ratio": statistics.median(h / o for o, h in zip(ours_bf16_math_p, hf_p))}
+               if ours_bf16_math_p else {})}
 
 
 def bench_int8_vs_bf16():
@@ -414,6 +430,20 @@ def main() -> None:
         ours = find("gemma3_fast", "extension", dtype, quant)
         if ours and hf32:
             print(f"- prefill vs transformers fp32, ours {dtype}/{quant}: {ours['prefill_tps'] / hf32['prefill_tps']:.2f}x")
+    for dtype, h2h in head_to_head.items():
+        if h2h and "prefill_ratio" in h2h[0]:
+            med = {k: statistics.median(r[k] for r in h2h) for k in ("prefill_ratio", "ours_prefill_tps",
+                                                                      "hf_prefill_tps")}
+            print(f"- prefill vs transformers {dtype}, one process, runs alternating: {med['prefill_ratio']:.2f}x "
+                  f"({med['ours_prefill_tps']:.0f} vs {med['hf_prefill_tps']:.0f} tok/s; per round "
+                  f"{', '.join('%.2fx' % r['prefill_ratio'] for r in h2h)})")
+        if h2h and "bf16_math_prefill_ratio" in h2h[0]:
+            med = {k: statistics.median(r[k] for r in h2h) for k in ("bf16_math_prefill_ratio",
+                                                                      "ours_bf16_math_prefill_tps", "hf_prefill_tps")}
+            print(f"- prefill vs transformers {dtype}, one process, runs alternating, ours with "
+                  f"torch.backends.mkldnn.matmul.fp32_precision='bf16' (opt-in): {med['bf16_math_prefill_ratio']:.2f}x "
+                  f"({med['ours_bf16_math_prefill_tps']:.0f} vs {med['hf_prefill_tps']:.0f} tok/s; per round "
+                  f"{', '.join('%.2fx' % r['bf16_math_prefill_ratio'] for r in h2h)})")
     b16, i8 = find("gemma3_fast", "extension", "bfloat16"), find("gemma3_fast", "extension", "bfloat16", "int8")
     if b16 and i8:
         print(f"- int8 decode vs bf16 decode, rows above: {i8['decode_tps'] / b16['decode_tps']:.2f}x")

@@ -283,6 +283,47 @@ def test_linear_prefill_fp32_backends(onednn):
     torch.testing.assert_close(out, ref.linear(x, w), atol=1e-4, rtol=1e-4)
 
 
+def _cpu_has_avx512_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "avx512_bf16" in f.read()
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("switch", ["matmul", "all", "float32_matmul_precision"])
+def test_linear_prefill_fp32_in_bf16_only_when_allowed(switch):
+    """torch's switches for bf16 math in oneDNN's fp32 matmuls (off by default) make fp32 prefill compute in bf16
+    where the CPU has AVX512-BF16: x and W rounded to bf16, fp32 sums, the output rounded to bf16. Without a
+    switch, or without AVX512-BF16, fp32 stays fp32. Decode (the gemv) is never affected."""
+    x, w = randn(2, 20, 96, scale=2), randn(48, 96, seed=1) * 96 ** -0.5
+    exact = ext.linear(x, w)
+    bf16_spec = (x.bfloat16().float() @ w.bfloat16().float().t()).bfloat16().float()
+    assert not torch.equal(exact, bf16_spec)  # the two outcomes differ: the assertions below can fail
+    old = (torch.backends.mkldnn.matmul.fp32_precision, torch.backends.mkldnn.fp32_precision,
+           torch.get_float32_matmul_precision())
+    try:
+        if switch == "matmul":
+            torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+        elif switch == "all":
+            torch.backends.mkldnn.fp32_precision = "bf16"
+        else:
+            torch.set_float32_matmul_precision("medium")
+        out, decode = ext.linear(x, w), ext.linear(x[:, :1].contiguous(), w)
+    finally:
+        torch.set_float32_matmul_precision(old[2])
+        torch.backends.mkldnn.fp32_precision = old[1]
+        torch.backends.mkldnn.matmul.fp32_precision = old[0]
+    assert out.dtype == torch.float32 and out.shape == (2, 20, 48)
+    if _cpu_has_avx512_bf16():
+        torch.testing.assert_close(out, bf16_spec, atol=1e-2, rtol=1e-2)
+        assert (out - bf16_spec).abs().max() < (exact - bf16_spec).abs().max()
+    else:
+        assert torch.equal(out, exact)
+    torch.testing.assert_close(decode, ref.linear(x[:, :1], w), atol=1e-4, rtol=1e-4)
+    assert torch.equal(ext.linear(x, w), exact)  # switched back: exact again
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("n", [1, 63, 64, 65, 1536, 262144 // 64 + 5])
 def test_linear_decode_rows_all_written_once(threads, n):
