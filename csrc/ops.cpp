@@ -39,6 +39,13 @@ TORCH_LIBRARY(gemma3_fast, m) {
   m.def("decoder_layers(Tensor h, Tensor y, Tensor positions, Tensor[] rope, Tensor(a!)[] k_caches, "
         "Tensor(b!)[] v_caches, Tensor[] weights, Tensor?[] scales, Tensor[] norms, int[] windows, bool[] ring, "
         "int num_heads, float scale, float eps, bool write_cache) -> (Tensor, Tensor)");
+  // The whole forward (reference_ops.decoder_forward is its specification): the embedding rows of ids times
+  // embed_scale, the first block's input norm, the RoPE tables of both bases at positions, decoder_layers, the
+  // output head. Logits [T, vocab], or [1, vocab] for the last position unless all_logits.
+  m.def("decoder_forward(Tensor ids, Tensor positions, Tensor embed_weight, float embed_scale, Tensor first_norm, "
+        "Tensor inv_freq_local, Tensor inv_freq_global, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, "
+        "Tensor[] weights, Tensor?[] scales, Tensor[] norms, int[] windows, bool[] ring, Tensor head_weight, "
+        "Tensor? head_scales, int num_heads, float scale, float eps, bool write_cache, bool all_logits) -> Tensor");
 }
 
 // Importing gemma3_fast._C loads this library, which runs the registrations above.

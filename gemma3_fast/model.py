@@ -2,7 +2,8 @@
 
 Per block: y = norm(h); attention(y) with QK-norm + RoPE over the preallocated KV cache; sandwich norms
 fused with the residual adds (h = h + norm(out); y = norm(h)); gated gelu-tanh MLP. Weights are stored
-fused where that saves matmul calls: q|k|v in one projection, gate|up in another.
+fused where that saves matmul calls: q|k|v in one projection, gate|up in another. The forward is one op,
+decoder_forward: embedding, the blocks, the head (reference_ops.decoder_forward spells it out).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from torch import nn
 from . import ops as ops_module
 from .config import Gemma3Config
 from .kv_cache import KVCache
-from .reference_ops import rope_cos_sin, rope_inv_freq
+from .reference_ops import rope_inv_freq
 
 
 class Linear(nn.Module):
@@ -148,24 +149,20 @@ class Gemma3Model(nn.Module):
         With a cache, keys of earlier positions are read from it and the new ones written to it (the caller
         advances cache.seq_len). Without one, this is a plain causal forward from position 0.
         """
-        ops = self.ops
         c = self.config
-        h = self.embed_tokens(input_ids) * self.embed_scale()
         plan = self._block_plan()
-        y = ops.rms_norm(h, plan.first_norm, c.rms_norm_eps)
-        rope_local = rope_cos_sin(positions, self.inv_freq_local)
-        rope_global = rope_cos_sin(positions, self.inv_freq_global)
-        rope = [t for window in plan.windows for t in (rope_local if window else rope_global)]
-        layers = len(plan.windows)
         if cache is None:  # no cache to read or write: empty ones, never written (write_cache=False)
-            empty = h.new_zeros(0, c.num_key_value_heads, c.head_dim)
+            empty = self.embed_tokens.weight.new_zeros(0, c.num_key_value_heads, c.head_dim)
+            layers = len(plan.windows)
             k_caches, v_caches, ring = [empty] * layers, [empty] * layers, [False] * layers
         else:
             k_caches, v_caches, ring = cache.k, cache.v, cache.ring
-        h, y = ops.decoder_layers(h, y, positions, rope, k_caches, v_caches, plan.weights, plan.scales, plan.norms,
-                                  plan.windows, ring, c.num_attention_heads, c.attn_scale, c.rms_norm_eps,
-                                  cache is not None)
-        return self.lm_head(y if all_logits else y[-1:], ops)
+        # One op: embedding, first norm, RoPE tables, all blocks, output head (reference_ops.decoder_forward).
+        return self.ops.decoder_forward(
+            input_ids, positions, self.embed_tokens.weight, self.embed_scale(), plan.first_norm, self.inv_freq_local,
+            self.inv_freq_global, k_caches, v_caches, plan.weights, plan.scales, plan.norms, plan.windows, ring,
+            self.lm_head.weight, self.lm_head.scales, c.num_attention_heads, c.attn_scale, c.rms_norm_eps,
+            cache is not None, all_logits)
 
     def _block_plan(self) -> _BlockPlan:
         plan = self.__dict__.get("_plan")

@@ -16,7 +16,7 @@ import torch
 from . import reference_ops
 
 OP_NAMES = ("rms_norm", "add_rms_norm", "qk_norm_rope", "kv_cache_write", "attention", "linear", "argmax",
-            "decoder_layer", "decoder_layers")
+            "decoder_layer", "decoder_layers", "decoder_forward")
 BACKENDS = ("auto", "extension", "reference")
 
 try:
@@ -82,6 +82,12 @@ if EXTENSION_AVAILABLE:
     def _(h, y, positions, rope, k_caches, v_caches, weights, scales, norms, windows, ring, num_heads, scale, eps,
           write_cache):
         return torch.empty_like(h), torch.empty_like(h)
+
+    @torch.library.register_fake(_lib + "decoder_forward")
+    def _(ids, positions, embed_weight, embed_scale, first_norm, inv_freq_local, inv_freq_global, k_caches, v_caches,
+          weights, scales, norms, windows, ring, head_weight, head_scales, num_heads, scale, eps, write_cache,
+          all_logits):
+        return embed_weight.new_empty((ids.shape[0] if all_logits else 1, head_weight.shape[0]))
 
     # Devices with no compiled kernel (Apple's MPS) run the reference through the same op.
     for _name in OP_NAMES:

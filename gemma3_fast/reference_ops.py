@@ -167,3 +167,22 @@ def decoder_layers(h: torch.Tensor, y: torch.Tensor, positions: torch.Tensor, ro
                              weights[4 * i:4 * i + 4], scales[4 * i:4 * i + 4], norms[6 * i:6 * i + 6], num_heads,
                              windows[i], scale, eps, ring[i], write_cache)
     return h, y
+
+
+def decoder_forward(ids: torch.Tensor, positions: torch.Tensor, embed_weight: torch.Tensor, embed_scale: float,
+                    first_norm: torch.Tensor, inv_freq_local: torch.Tensor, inv_freq_global: torch.Tensor,
+                    k_caches: list[torch.Tensor], v_caches: list[torch.Tensor], weights: list[torch.Tensor],
+                    scales: list[torch.Tensor | None], norms: list[torch.Tensor], windows: list[int], ring: list[bool],
+                    head_weight: torch.Tensor, head_scales: torch.Tensor | None, num_heads: int, scale: float,
+                    eps: float, write_cache: bool, all_logits: bool) -> torch.Tensor:
+    """The whole model on token ids [T] at absolute positions [T]: embedding rows times embed_scale (sqrt(hidden)
+    rounded to the weight dtype), the first block's input norm, RoPE tables for the local and global bases,
+    decoder_layers (sliding layers take the local tables), the output head. Returns logits [T, vocab], or the
+    last position's [1, vocab] unless all_logits."""
+    h = F.embedding(ids, embed_weight) * embed_scale
+    y = rms_norm(h, first_norm, eps)
+    local, global_ = rope_cos_sin(positions, inv_freq_local), rope_cos_sin(positions, inv_freq_global)
+    rope = [t for window in windows for t in (local if window else global_)]
+    h, y = decoder_layers(h, y, positions, rope, k_caches, v_caches, weights, scales, norms, windows, ring,
+                          num_heads, scale, eps, write_cache)
+    return linear(y if all_logits else y[-1:], head_weight, head_scales)

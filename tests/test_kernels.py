@@ -549,6 +549,77 @@ def test_decoder_layers_opcheck_and_bad_inputs():
         ext.decoder_layers(*bad)
 
 
+def _forward_args(t, start, dtype, int8=False, all_logits=False, vocab=50):
+    """decoder_forward's arguments around a decoder_layers stack: token ids, an embedding (tied head, or an int8
+    head with its own scales), the first norm and the RoPE frequencies of both bases."""
+    from gemma3_fast.quantize import quantize_int8
+
+    stack, _ = _stack_args(t, start, dtype, int8=int8)
+    embed = randn(vocab, stack[0].shape[1], dtype=dtype, seed=30)
+    head, head_scales = quantize_int8(embed.float()) if int8 else (embed, None)
+    ids = torch.randint(0, vocab, (t,), generator=torch.Generator().manual_seed(start + t))
+    first_norm = randn(stack[0].shape[1], dtype=dtype, seed=31, scale=0.3)
+    d = stack[8][0].shape[0]
+    return [ids, stack[2], embed, 8.0, first_norm, ref.rope_inv_freq(d, 1e4), ref.rope_inv_freq(d, 1e6), stack[4],
+            stack[5], stack[6], stack[7], stack[8], stack[9], stack[10], head, head_scales, stack[11], stack[12],
+            stack[13], True, all_logits]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("start,t,all_logits", [(0, 1, False), (45, 1, False), (0, 20, True), (30, 17, False)])
+def test_decoder_forward_equals_its_composition(start, t, all_logits, int8, dtype):
+    """The forward op is embedding * scale, rms_norm, the RoPE tables of both bases (sliding layers: local),
+    decoder_layers and the head, run op by op: equal logits and caches; and it matches the reference."""
+    args = _forward_args(t, start, dtype, int8, all_logits)
+    composed, ref_args = _clone_args(args), _clone_args(args)
+    logits = ext.decoder_forward(*args)
+    (ids, positions, embed, scale, first_norm, inv_local, inv_global, k_caches, v_caches, weights, scales, norms,
+     windows, ring, head, head_scales, hq, attn_scale, eps, write, _) = composed
+    h = torch.nn.functional.embedding(ids, embed) * scale
+    local, global_ = ref.rope_cos_sin(positions, inv_local), ref.rope_cos_sin(positions, inv_global)
+    rope = [x for w in windows for x in (local if w else global_)]
+    h, y = ext.decoder_layers(h, ext.rms_norm(h, first_norm, eps), positions, rope, k_caches, v_caches, weights,
+                              scales, norms, windows, ring, hq, attn_scale, eps, write)
+    expected = ext.linear(y if all_logits else y[-1:], head, head_scales)
+    assert logits.shape == (t if all_logits else 1, embed.shape[0]) and logits.dtype == dtype
+    assert torch.equal(logits, expected)
+    for got, want in zip(args[7] + args[8], k_caches + v_caches):
+        assert torch.equal(got, want)
+    assert not torch.equal(args[7][0], _forward_args(t, start, dtype, int8, all_logits)[7][0])  # caches written
+    ref_logits = ref.decoder_forward(*ref_args)
+    tol = (2e-3 if int8 else 1e-4) if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(logits.float(), ref_logits.float(), rtol=tol,
+                               atol=tol * max(1, ref_logits.abs().max().item()))
+
+
+def test_decoder_forward_opcheck_and_bad_inputs():
+    torch.library.opcheck(ext.decoder_forward.default, tuple(_forward_args(1, 9, torch.float32)))
+    torch.library.opcheck(ext.decoder_forward.default, tuple(_forward_args(3, 4, torch.float32, int8=True,
+                                                                          all_logits=True)))
+    args = _forward_args(2, 9, torch.float32)
+    bad = list(args)
+    bad[0] = torch.tensor([3, 50])
+    with pytest.raises(RuntimeError, match=r"ids\[1\] = 50 is not a token id: the embedding has 50 rows"):
+        ext.decoder_forward(*bad)
+    bad[0] = args[0].float()
+    with pytest.raises(RuntimeError, match=r"ids must be a non-empty int64 tensor \[tokens\], got Float"):
+        ext.decoder_forward(*bad)
+    bad = list(args)
+    bad[14] = args[14][:, :-1].contiguous()
+    with pytest.raises(RuntimeError, match=r"decoder_forward, the output head \(head_weight, head_scales\): "
+                                           r"gemma3_fast: weight has in_features 63 but x has 64"):
+        ext.decoder_forward(*bad)
+    bad = list(args)
+    bad[9] = args[9][:-1]
+    with pytest.raises(RuntimeError, match=r"takes 4 weights per layer"):
+        ext.decoder_forward(*bad)
+    bad = list(args)
+    bad[5] = args[5].double()
+    with pytest.raises(RuntimeError, match=r"inv_freq_local must be float32"):
+        ext.decoder_forward(*bad)
+
+
 def test_decoder_layer_without_cache_write_leaves_cache_alone():
     args = _block_args(1, 9, W, W, torch.float32, write_cache=False)
     before = args[5].clone(), args[6].clone()

@@ -123,11 +123,64 @@ std::tuple<at::Tensor, at::Tensor> decoder_layers_cpu(const at::Tensor& h, const
   return {hh, yy};
 }
 
+// The whole forward. At decode the steps around the blocks (embedding, first norm, RoPE tables, head) were
+// ~10 ATen calls from Python, each 15-25 us there: the weights streaming past evict the interpreter's and
+// the dispatcher's code and data from every cache, so a call that takes 2-5 us in a warm loop costs several
+// times that once per step.
+at::Tensor decoder_forward_cpu(const at::Tensor& ids, const at::Tensor& positions, const at::Tensor& embed_weight,
+                               double embed_scale, const at::Tensor& first_norm, const at::Tensor& inv_freq_local,
+                               const at::Tensor& inv_freq_global, at::TensorList k_caches, at::TensorList v_caches,
+                               at::TensorList weights, const c10::List<std::optional<at::Tensor>>& scales,
+                               at::TensorList norms, at::IntArrayRef windows, const c10::List<bool>& ring,
+                               const at::Tensor& head_weight, const std::optional<at::Tensor>& head_scales,
+                               int64_t num_heads, double scale, double eps, bool write_cache, bool all_logits) {
+  TORCH_CHECK(ids.scalar_type() == at::kLong && ids.dim() == 1 && ids.numel() > 0, "gemma3_fast: ids must be a "
+              "non-empty int64 tensor [tokens], got ", ids.scalar_type(), " of shape ", ids.sizes());
+  check_contiguous(ids, "ids");
+  check_dim(embed_weight, 2, "embed_weight", "[vocab, hidden]");
+  check_float_tensor(embed_weight, "embed_weight");
+  check_same_device(ids, embed_weight, "ids");
+  const int64_t vocab = embed_weight.size(0);
+  const int64_t* id = ids.data_ptr<int64_t>();
+  for (int64_t i = 0; i < ids.numel(); ++i)
+    TORCH_CHECK(id[i] >= 0 && id[i] < vocab, "gemma3_fast: ids[", i, "] = ", id[i], " is not a token id: the ",
+                "embedding has ", vocab, " rows");
+  TORCH_CHECK(positions.scalar_type() == at::kLong, "gemma3_fast: positions must be int64, got ",
+              positions.scalar_type());
+  check_shape(positions, {ids.numel()}, "positions");
+  for (const auto& [inv, name] : {std::pair{&inv_freq_local, "inv_freq_local"}, {&inv_freq_global, "inv_freq_global"}}) {
+    TORCH_CHECK(inv->scalar_type() == at::kFloat && inv->dim() == 1, "gemma3_fast: ", name, " must be float32 ",
+                "[head_dim / 2], got ", inv->scalar_type(), " of shape ", inv->sizes());
+  }
+  const at::Tensor h = at::embedding(embed_weight, ids).mul_(embed_scale);
+  const at::Tensor y = rms_norm_cpu(h, first_norm, eps);
+  // cos and sin of positions x inv_freq, as reference_ops.rope_cos_sin computes them: one table per base.
+  const at::Tensor pos = positions.to(at::kFloat).unsqueeze(1);
+  const at::Tensor local = pos * inv_freq_local.unsqueeze(0), global = pos * inv_freq_global.unsqueeze(0);
+  const at::Tensor tables[4] = {local.cos(), local.sin(), global.cos(), global.sin()};
+  std::vector<at::Tensor> rope;
+  rope.reserve(2 * windows.size());
+  for (const int64_t window : windows) {
+    rope.push_back(tables[window ? 0 : 2]);
+    rope.push_back(tables[window ? 1 : 3]);
+  }
+  const auto [h_out, y_out] = decoder_layers_cpu(h, y, positions, rope, k_caches, v_caches, weights, scales, norms,
+                                                 windows, ring, num_heads, scale, eps, write_cache);
+  (void)h_out;
+  try {
+    return linear_cpu(all_logits ? y_out : y_out.narrow(0, y_out.size(0) - 1, 1), head_weight, head_scales);
+  } catch (const c10::Error& e) {
+    TORCH_CHECK(false, "gemma3_fast: decoder_forward, the output head (head_weight, head_scales): ",
+                e.what_without_backtrace());
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(gemma3_fast, CPU, m) {
   m.impl("decoder_layer", &decoder_layer_cpu);
   m.impl("decoder_layers", &decoder_layers_cpu);
+  m.impl("decoder_forward", &decoder_forward_cpu);
 }
 
 }  // namespace gemma3_fast
