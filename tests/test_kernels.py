@@ -598,26 +598,17 @@ def test_decoder_forward_opcheck_and_bad_inputs():
     torch.library.opcheck(ext.decoder_forward.default, tuple(_forward_args(3, 4, torch.float32, int8=True,
                                                                           all_logits=True)))
     args = _forward_args(2, 9, torch.float32)
-    bad = list(args)
-    bad[0] = torch.tensor([3, 50])
-    with pytest.raises(RuntimeError, match=r"ids\[1\] = 50 is not a token id: the embedding has 50 rows"):
-        ext.decoder_forward(*bad)
-    bad[0] = args[0].float()
-    with pytest.raises(RuntimeError, match=r"ids must be a non-empty int64 tensor \[tokens\], got Float"):
-        ext.decoder_forward(*bad)
-    bad = list(args)
-    bad[14] = args[14][:, :-1].contiguous()
-    with pytest.raises(RuntimeError, match=r"decoder_forward, the output head \(head_weight, head_scales\): "
-                                           r"gemma3_fast: weight has in_features 63 but x has 64"):
-        ext.decoder_forward(*bad)
-    bad = list(args)
-    bad[9] = args[9][:-1]
-    with pytest.raises(RuntimeError, match=r"takes 4 weights per layer"):
-        ext.decoder_forward(*bad)
-    bad = list(args)
-    bad[5] = args[5].double()
-    with pytest.raises(RuntimeError, match=r"inv_freq_local must be float32"):
-        ext.decoder_forward(*bad)
+    for index, value, message in (
+            (0, torch.tensor([3, 50]), r"ids\[1\] = 50 is not a token id: the embedding has 50 rows"),
+            (0, args[0].float(), r"ids must be a non-empty int64 tensor \[tokens\], got Float"),
+            (14, args[14][:, :-1].contiguous(), r"decoder_forward, the output head \(head_weight, head_scales\): "
+                                                r"gemma3_fast: weight has in_features 63 but x has 64"),
+            (9, args[9][:-1], r"takes 4 weights per layer"),
+            (5, args[5].double(), r"inv_freq_local must be float32")):
+        bad = list(args)
+        bad[index] = value
+        with pytest.raises(RuntimeError, match=message):
+            ext.decoder_forward(*bad)
 
 
 def test_decoder_layer_without_cache_write_leaves_cache_alone():
