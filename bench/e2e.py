@@ -164,9 +164,9 @@ def bench_head_to_head(dtype):
             ours_p.append(timed(lambda: ours.prefill(ids, ours.new_cache(PROMPT_TOKENS)))[1])
             hf_p.append(timed(lambda: hf(input_ids=ids[None], use_cache=True, logits_to_keep=1))[1])
             if dtype == "float32":
-                torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+                torch.set_float32_matmul_precision("medium")  # sets the mkldnn switch too (torch >= 2.9)
                 ours_bf16_math_p.append(timed(lambda: ours.prefill(ids, ours.new_cache(PROMPT_TOKENS)))[1])
-                torch.backends.mkldnn.matmul.fp32_precision = "none"
+                torch.set_float32_matmul_precision("highest")
         cache = ours.new_cache(PROMPT_TOKENS + DECODE_STEPS + 1)
         state = {"token": ours.prefill(ids, cache).float().argmax(-1)}
 

@@ -300,8 +300,11 @@ def test_linear_prefill_fp32_in_bf16_only_when_allowed(switch):
     exact = ext.linear(x, w)
     bf16_spec = (x.bfloat16().float() @ w.bfloat16().float().t()).bfloat16().float()
     assert not torch.equal(exact, bf16_spec)  # the two outcomes differ: the assertions below can fail
-    old = (torch.backends.mkldnn.matmul.fp32_precision, torch.backends.mkldnn.fp32_precision,
-           torch.get_float32_matmul_precision())
+    if switch != "float32_matmul_precision" and not hasattr(torch.backends.mkldnn, "fp32_precision"):
+        pytest.skip("torch < 2.9 has no torch.backends.mkldnn fp32_precision switches")
+    mkldnn_switches = hasattr(torch.backends.mkldnn, "fp32_precision")
+    old = ((torch.backends.mkldnn.matmul.fp32_precision, torch.backends.mkldnn.fp32_precision)
+           if mkldnn_switches else None, torch.get_float32_matmul_precision())
     try:
         if switch == "matmul":
             torch.backends.mkldnn.matmul.fp32_precision = "bf16"
@@ -311,9 +314,10 @@ def test_linear_prefill_fp32_in_bf16_only_when_allowed(switch):
             torch.set_float32_matmul_precision("medium")
         out, decode = ext.linear(x, w), ext.linear(x[:, :1].contiguous(), w)
     finally:
-        torch.set_float32_matmul_precision(old[2])
-        torch.backends.mkldnn.fp32_precision = old[1]
-        torch.backends.mkldnn.matmul.fp32_precision = old[0]
+        torch.set_float32_matmul_precision(old[1])
+        if mkldnn_switches:
+            torch.backends.mkldnn.fp32_precision = old[0][1]
+            torch.backends.mkldnn.matmul.fp32_precision = old[0][0]
     assert out.dtype == torch.float32 and out.shape == (2, 20, 48)
     if _cpu_has_avx512_bf16():
         torch.testing.assert_close(out, bf16_spec, atol=1e-2, rtol=1e-2)

@@ -164,9 +164,8 @@ at::Tensor decoder_forward_cpu(const at::Tensor& ids, const at::Tensor& position
     rope.push_back(tables[window ? 0 : 2]);
     rope.push_back(tables[window ? 1 : 3]);
   }
-  const auto [h_out, y_out] = decoder_layers_cpu(h, y, positions, rope, k_caches, v_caches, weights, scales, norms,
-                                                 windows, ring, num_heads, scale, eps, write_cache);
-  (void)h_out;
+  const at::Tensor y_out = std::get<1>(decoder_layers_cpu(h, y, positions, rope, k_caches, v_caches, weights, scales,
+                                                         norms, windows, ring, num_heads, scale, eps, write_cache));
   try {
     return linear_cpu(all_logits ? y_out : y_out.narrow(0, y_out.size(0) - 1, 1), head_weight, head_scales);
   } catch (const c10::Error& e) {

@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
+#include <torch/version.h>
 
 #include <atomic>
 #include <optional>
@@ -246,9 +247,15 @@ at::Tensor matmul_fp32(const at::Tensor& x, const at::Tensor& w) {
 // in bf16 (fp32 accumulation), and the fp32 prefill matmul here is oneDNN's. On CPUs with AVX512-BF16 it then
 // runs in bf16, about 2x the fp32 rate, the output rounded to bf16 on the way. fp32 prefill otherwise runs at
 // ~90% of the 2-core FMA peak: this is the only way past it. Off by default ("none"/"ieee"): exact fp32.
+// That switch came with torch 2.9 (set_float32_matmul_precision("medium") also sets it); before, "medium" is
+// the switch.
 bool fp32_matmul_in_bf16() {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9)
   return at::globalContext().float32Precision(at::Float32Backend::MKLDNN, at::Float32Op::MATMUL) ==
          at::Float32Precision::BF16;
+#else
+  return at::globalContext().float32MatmulPrecision() == at::Float32MatmulPrecision::MEDIUM;
+#endif
 }
 
 }  // namespace

@@ -23,8 +23,8 @@ inline float to_f32(bf16 x) { return static_cast<float>(x); }
 template <typename T> inline T from_f32(float x) { return static_cast<T>(x); }  // bf16: round to nearest even
 
 // Asks for the cache lines of p[0, bytes) without waiting for them (a hint: no fault, no result). Written as
-// inline asm on x86-64 because GCC dropped __builtin_prefetch loops from attention.cpp (no instruction left
-// in the object file, checked with objdump).
+// inline asm on x86-64 because in one build of attention.cpp GCC dropped a __builtin_prefetch loop (no
+// instruction left in the object file, checked with objdump).
 inline void prefetch(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
   for (int64_t off = 0; off < bytes; off += 64) {
