@@ -78,12 +78,13 @@ def bench_gemma3_fast(backend, dtype, quantize, long_context):
         """Greedy decode after each prompt, the sequences' steps interleaved so that all of them run under
         the same machine conditions (memory bandwidth on a shared host drifts over seconds)."""
         caches = [model.new_cache(len(p) + steps + 1) for p in prompts]
-        tokens = [model.prefill(p, c).float().argmax(-1) for p, c in zip(prompts, caches)]
+        tokens = [int(model.prefill(p, c).float().argmax()) for p, c in zip(prompts, caches)]
+        sessions = [model.decode_session(c) for c in caches]  # greedy steps, as generation runs them
         times: list[list[float]] = [[] for _ in prompts]
         for _ in range(steps):
-            for i, cache in enumerate(caches):
+            for i, session in enumerate(sessions):
                 t0 = time.perf_counter()
-                tokens[i] = model.ops.argmax(model.decode(tokens[i], cache))  # greedy, as generation does
+                tokens[i] = session.greedy(tokens[i])
                 times[i].append(time.perf_counter() - t0)
             if probe is not None:
                 probe.sample()
@@ -168,10 +169,11 @@ def bench_head_to_head(dtype):
                 ours_bf16_math_p.append(timed(lambda: ours.prefill(ids, ours.new_cache(PROMPT_TOKENS)))[1])
                 torch.set_float32_matmul_precision("highest")
         cache = ours.new_cache(PROMPT_TOKENS + DECODE_STEPS + 1)
-        state = {"token": ours.prefill(ids, cache).float().argmax(-1)}
+        state = {"token": int(ours.prefill(ids, cache).float().argmax())}
+        session = ours.decode_session(cache)
 
         def our_step():
-            state["token"] = ours.ops.argmax(ours.decode(state["token"], cache))
+            state["token"] = session.greedy(state["token"])
 
         hf_step = transformers_stepper(hf, ids[None])
         ours_t, hf_t = [], []
@@ -199,10 +201,11 @@ def bench_int8_vs_bf16():
         ids = torch.tensor(prompt_ids(tok, PROMPT_TOKENS))
         with torch.inference_mode():
             cache = model.new_cache(PROMPT_TOKENS + DECODE_STEPS + 1)
-            state = {"token": model.prefill(ids, cache).float().argmax(-1)}
+            state = {"token": int(model.prefill(ids, cache).float().argmax())}
+        session = model.decode_session(cache)
 
-        def step(model=model, cache=cache, state=state):
-            state["token"] = model.ops.argmax(model.decode(state["token"], cache))
+        def step(session=session, state=state):
+            state["token"] = session.greedy(state["token"])
 
         steppers.append(step)
     bf16_t, int8_t = [], []

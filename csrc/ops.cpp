@@ -1,6 +1,5 @@
-// Operator schemas of the gemma3_fast namespace (one TORCH_LIBRARY block) and the Python module entry point.
-// Kernels live in cpu/*.cpp and cuda/*.cu, registered per device with TORCH_LIBRARY_IMPL.
-#include <Python.h>
+// Operator schemas of the gemma3_fast namespace (one TORCH_LIBRARY block). Kernels live in cpu/*.cpp and
+// cuda/*.cu, registered per device with TORCH_LIBRARY_IMPL; the Python module itself is python_module.cpp.
 #include <torch/library.h>
 
 TORCH_LIBRARY(gemma3_fast, m) {
@@ -46,17 +45,4 @@ TORCH_LIBRARY(gemma3_fast, m) {
         "Tensor inv_freq_local, Tensor inv_freq_global, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, "
         "Tensor[] weights, Tensor?[] scales, Tensor[] norms, int[] windows, bool[] ring, Tensor head_weight, "
         "Tensor? head_scales, int num_heads, float scale, float eps, bool write_cache, bool all_logits) -> Tensor");
-}
-
-// Importing gemma3_fast._C loads this library, which runs the registrations above.
-extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "gemma3_fast compiled operators", -1,
-                                          nullptr};
-  PyObject* module = PyModule_Create(&module_def);
-#ifdef GEMMA3_WITH_CUDA
-  PyModule_AddIntConstant(module, "CUDA_BUILT", 1);
-#else
-  PyModule_AddIntConstant(module, "CUDA_BUILT", 0);
-#endif
-  return module;
 }

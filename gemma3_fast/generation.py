@@ -96,6 +96,9 @@ class Gemma3LM:
         token = sample(logits[0].cpu(), params, None if seen is None else seen.cpu(), generator, argmax)
         stats.prefill_s = time.perf_counter() - t0
 
+        # Greedy steps return the next token straight from the session (its argmax runs in the same call).
+        session = model.decode_session(cache)
+        greedy = params.temperature == 0 and seen is None
         t0 = time.perf_counter()
         while True:
             stats.generated_tokens += 1
@@ -103,11 +106,13 @@ class Gemma3LM:
             yield token
             if (stop_on_eos and token in self.tokenizer.stop_ids) or stats.generated_tokens >= max_new_tokens:
                 break
-            tok = torch.tensor([token], dtype=torch.long, device=device)
-            if seen is not None:
-                seen = torch.cat((seen, tok))
-            logits = model.decode(tok, cache)
-            token = sample(logits[0].cpu(), params, None if seen is None else seen.cpu(), generator, argmax)
+            if greedy:
+                token = session.greedy(token)
+            else:
+                if seen is not None:
+                    seen = torch.cat((seen, torch.tensor([token], dtype=torch.long, device=device)))
+                logits = session.logits(token)
+                token = sample(logits[0].cpu(), params, None if seen is None else seen.cpu(), generator, argmax)
             stats.decode_steps += 1
             stats.decode_s = time.perf_counter() - t0
         stats.peak_memory_bytes = peak_memory_bytes(device)

@@ -41,6 +41,13 @@ def cuda_kernels_built() -> bool:
     return EXTENSION_AVAILABLE and bool(_C.CUDA_BUILT)
 
 
+def native_module():
+    """The compiled module gemma3_fast._C (for what is not an op: DecodeSession)."""
+    if not EXTENSION_AVAILABLE:
+        raise RuntimeError(f"gemma3_fast: the compiled extension is not available ({EXTENSION_ERROR})")
+    return _C
+
+
 if EXTENSION_AVAILABLE:
     _lib = "gemma3_fast::"
 

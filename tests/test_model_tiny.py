@@ -51,6 +51,54 @@ def test_decode_across_window_edges_matches_full_forward(tiny_folder, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,quantize", [("float32", "none"), ("bfloat16", "none"), ("bfloat16", "int8")])
+def test_decode_session_steps_equal_model_decode(tiny_folder, backend, dtype, quantize):
+    """A decode session (what generation runs; from C++ on the extension) is model.decode: the same logits and
+    cache contents, bit for bit, step after step through the window edges and several ring wraps, its greedy
+    step is the argmax, and its steps mix with model.decode on one cache (positions come from cache.seq_len)."""
+    model = load_model_and_tokenizer(tiny_folder, dtype, "cpu", backend, quantize=quantize)[0]
+    ids = prompt()
+    by_decode, by_session = model.new_cache(N), model.new_cache(N)
+    model.prefill(ids[:3], by_decode)
+    model.prefill(ids[:3], by_session)
+    session = model.decode_session(by_session)
+    assert (session._native is not None) == (backend == "extension")  # the C++ steps where there are kernels
+    for i in range(3, N):
+        expected = model.decode(ids[i:i + 1], by_decode)
+        if i % 3 == 0:
+            assert session.greedy(int(ids[i])) == int(model.ops.argmax(expected))
+        elif i % 3 == 1:
+            assert torch.equal(session.logits(int(ids[i])), expected)
+        else:  # the session's cache advanced by model.decode itself
+            assert torch.equal(model.decode(ids[i:i + 1], by_session), expected)
+        assert by_session.seq_len == by_decode.seq_len == i + 1
+    for got, want in zip(by_session.k + by_session.v, by_decode.k + by_decode.v):
+        assert torch.equal(got, want)
+    with pytest.raises(ValueError, match=f"{N} cached \\+ 1 new tokens exceed the KV cache of {N}"):
+        session.greedy(7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decode_session_bad_token_is_a_clear_error(tiny_folder, backend):
+    model = load_tiny(tiny_folder, backend)
+    cache = model.new_cache(8)
+    model.prefill(prompt(3), cache)
+    session = model.decode_session(cache)
+    vocab = model.config.vocab_size
+    for bad in (vocab, -1):
+        with pytest.raises(ValueError, match=f"token {bad} is not a token id: the vocabulary has {vocab} entries"):
+            session.greedy(bad)
+    assert cache.seq_len == 3  # a refused step does not advance
+    if backend == "extension":  # the C++ session checks too, and its errors come without a C++ backtrace
+        with pytest.raises(RuntimeError) as err:
+            session._native.greedy(vocab, 3)
+        assert f"ids[0] = {vocab} is not a token id: the embedding has {vocab} rows" in str(err.value)
+        assert "Exception raised from" not in str(err.value)
+        with pytest.raises(RuntimeError, match="position must be >= 0, got -2"):
+            session._native.logits(5, -2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_swapped_weights_are_used_not_stale_ones(tiny_folder, backend):
     """The model gathers its blocks' op arguments once and reuses them while the same objects are in place: a
     replaced weight, norm or whole projection must be picked up by the next forward."""

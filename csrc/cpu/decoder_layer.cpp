@@ -123,6 +123,8 @@ std::tuple<at::Tensor, at::Tensor> decoder_layers_cpu(const at::Tensor& h, const
   return {hh, yy};
 }
 
+}  // namespace
+
 // The whole forward. At decode the steps around the blocks (embedding, first norm, RoPE tables, head) were
 // ~10 ATen calls from Python, each 15-25 us there: the weights streaming past evict the interpreter's and
 // the dispatcher's code and data from every cache, so a call that takes 2-5 us in a warm loop costs several
@@ -148,15 +150,46 @@ at::Tensor decoder_forward_cpu(const at::Tensor& ids, const at::Tensor& position
   TORCH_CHECK(positions.scalar_type() == at::kLong, "gemma3_fast: positions must be int64, got ",
               positions.scalar_type());
   check_shape(positions, {ids.numel()}, "positions");
+  check_contiguous(positions, "positions");
   for (const auto& [inv, name] : {std::pair{&inv_freq_local, "inv_freq_local"}, {&inv_freq_global, "inv_freq_global"}}) {
     TORCH_CHECK(inv->scalar_type() == at::kFloat && inv->dim() == 1, "gemma3_fast: ", name, " must be float32 ",
                 "[head_dim / 2], got ", inv->scalar_type(), " of shape ", inv->sizes());
   }
-  const at::Tensor h = at::embedding(embed_weight, ids).mul_(embed_scale);
+  // Loops instead of ATen calls here: at decode each call cost 5-40 us, its code and data evicted by the weights
+  // streaming past between steps (embedding + mul_ took 82 us, the ten ops of the RoPE tables 48).
+  // h = embedding rows x embed_scale, rounded once to the weight dtype, as embedding(...).mul_(embed_scale) does.
+  const int64_t t = ids.numel(), hidden = embed_weight.size(1);
+  check_contiguous(embed_weight, "embed_weight");
+  at::Tensor h = at::empty({t, hidden}, embed_weight.options());
+  dispatch_float_bf16(embed_weight.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* e = embed_weight.data_ptr<T>();
+    T* out = h.data_ptr<T>();
+    const float s = static_cast<float>(embed_scale);
+    for (int64_t i = 0; i < t; ++i)
+      for (int64_t j = 0; j < hidden; ++j) out[i * hidden + j] = vec::from_f32<T>(vec::to_f32(e[id[i] * hidden + j]) * s);
+  });
   const at::Tensor y = rms_norm_cpu(h, first_norm, eps);
-  // cos and sin of positions x inv_freq, as reference_ops.rope_cos_sin computes them: one table per base.
-  const at::Tensor pos = positions.to(at::kFloat).unsqueeze(1);
-  const at::Tensor local = pos * inv_freq_local.unsqueeze(0), global = pos * inv_freq_global.unsqueeze(0);
+  // cos and sin of positions x inv_freq, as reference_ops.rope_cos_sin computes them, one table per base: the
+  // angles (one fp32 product each, as torch's) of both bases in one tensor, then torch's own cos and sin.
+  TORCH_CHECK(inv_freq_global.numel() == inv_freq_local.numel(), "gemma3_fast: inv_freq_local and inv_freq_global "
+              "must have the same size (head_dim / 2), got ", inv_freq_local.numel(), " and ", inv_freq_global.numel());
+  const int64_t half = inv_freq_local.numel();
+  at::Tensor angles = at::empty({2, t, half}, inv_freq_local.options());
+  {
+    const int64_t* pos = positions.data_ptr<int64_t>();
+    const float* inv[2] = {inv_freq_local.contiguous().data_ptr<float>(), inv_freq_global.contiguous().data_ptr<float>()};
+    float* a = angles.data_ptr<float>();
+    for (int64_t b = 0; b < 2; ++b)
+      for (int64_t i = 0; i < t; ++i)
+        for (int64_t j = 0; j < half; ++j) a[(b * t + i) * half + j] = static_cast<float>(pos[i]) * inv[b][j];
+  }
+  // Per base, so that torch's cos and sin see the same [t, half] tensors as in the reference, split into vectors
+  // and threads alike: bit-equal tables.
+  auto base_angles = [&](int64_t base) {  // a view without a dispatcher call
+    return at::from_blob(angles.data_ptr<float>() + base * t * half, {t, half}, angles.options());
+  };
+  const at::Tensor local = base_angles(0), global = base_angles(1);
   const at::Tensor tables[4] = {local.cos(), local.sin(), global.cos(), global.sin()};
   std::vector<at::Tensor> rope;
   rope.reserve(2 * windows.size());
@@ -173,8 +206,6 @@ at::Tensor decoder_forward_cpu(const at::Tensor& ids, const at::Tensor& position
                 e.what_without_backtrace());
   }
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(gemma3_fast, CPU, m) {
   m.impl("decoder_layer", &decoder_layer_cpu);

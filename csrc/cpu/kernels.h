@@ -22,5 +22,13 @@ void kv_cache_write_cpu(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tens
 at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
                          const at::Tensor& v_cache, const at::Tensor& positions, int64_t window, double scale);
 at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& scales);
+at::Tensor argmax_cpu(const at::Tensor& x);
+at::Tensor decoder_forward_cpu(const at::Tensor& ids, const at::Tensor& positions, const at::Tensor& embed_weight,
+                               double embed_scale, const at::Tensor& first_norm, const at::Tensor& inv_freq_local,
+                               const at::Tensor& inv_freq_global, at::TensorList k_caches, at::TensorList v_caches,
+                               at::TensorList weights, const c10::List<std::optional<at::Tensor>>& scales,
+                               at::TensorList norms, at::IntArrayRef windows, const c10::List<bool>& ring,
+                               const at::Tensor& head_weight, const std::optional<at::Tensor>& head_scales,
+                               int64_t num_heads, double scale, double eps, bool write_cache, bool all_logits);
 
 }  // namespace gemma3_fast

@@ -1,0 +1,64 @@
+// The Python module gemma3_fast._C. Importing it loads this library, which runs the op registrations (ops.cpp and
+// the TORCH_LIBRARY_IMPL blocks). It also holds what is not an op: CUDA_BUILT, and DecodeSession (the decode
+// step without the per-step cost of an op call from Python: see cpu/decode_session.h).
+#include <torch/extension.h>
+
+#include "cpu/decode_session.h"
+
+namespace {
+
+// c10::Error's what() carries a C++ backtrace; Python users get the message alone, as from the ops.
+template <typename F>
+auto without_backtrace(F f) {
+  try {
+    return f();
+  } catch (const c10::Error& e) {
+    throw std::runtime_error(e.what_without_backtrace());
+  }
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using gemma3_fast::DecodeSession;
+  m.doc() = "gemma3_fast compiled operators";
+#ifdef GEMMA3_WITH_CUDA
+  m.attr("CUDA_BUILT") = 1;
+#else
+  m.attr("CUDA_BUILT") = 0;
+#endif
+  pybind11::class_<DecodeSession>(m, "DecodeSession",
+                                  "decoder_forward's arguments for one model and KV cache, bound once (CPU only)")
+      .def(pybind11::init([](at::Tensor embed_weight, double embed_scale, at::Tensor first_norm,
+                             at::Tensor inv_freq_local, at::Tensor inv_freq_global, std::vector<at::Tensor> k_caches,
+                             std::vector<at::Tensor> v_caches, std::vector<at::Tensor> weights,
+                             std::vector<std::optional<at::Tensor>> scales, std::vector<at::Tensor> norms,
+                             std::vector<int64_t> windows, std::vector<bool> ring, at::Tensor head_weight,
+                             std::optional<at::Tensor> head_scales, int64_t num_heads, double scale, double eps) {
+             return without_backtrace([&] {
+               return std::make_unique<DecodeSession>(embed_weight, embed_scale, first_norm, inv_freq_local,
+                                                      inv_freq_global, k_caches, v_caches, weights, scales, norms,
+                                                      windows, ring, head_weight, head_scales, num_heads, scale,
+                                                      eps);
+             });
+           }),
+           pybind11::arg("embed_weight"), pybind11::arg("embed_scale"), pybind11::arg("first_norm"),
+           pybind11::arg("inv_freq_local"), pybind11::arg("inv_freq_global"), pybind11::arg("k_caches"),
+           pybind11::arg("v_caches"), pybind11::arg("weights"), pybind11::arg("scales"), pybind11::arg("norms"),
+           pybind11::arg("windows"), pybind11::arg("ring"), pybind11::arg("head_weight"),
+           pybind11::arg("head_scales"), pybind11::arg("num_heads"), pybind11::arg("scale"), pybind11::arg("eps"))
+      .def(
+          "logits",
+          [](DecodeSession& s, int64_t token, int64_t position) {
+            return without_backtrace([&] { return s.logits(token, position); });
+          },
+          pybind11::arg("token"), pybind11::arg("position"), pybind11::call_guard<pybind11::gil_scoped_release>(),
+          "logits [1, vocab] of one decode step (token at position), its key and value written to the cache")
+      .def(
+          "greedy",
+          [](DecodeSession& s, int64_t token, int64_t position) {
+            return without_backtrace([&] { return s.greedy(token, position); });
+          },
+          pybind11::arg("token"), pybind11::arg("position"), pybind11::call_guard<pybind11::gil_scoped_release>(),
+          "one decode step, then the argmax of its logits: the next token of greedy decoding");
+}
