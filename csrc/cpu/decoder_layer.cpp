@@ -36,6 +36,14 @@ at::Tensor gelu_tanh_mul(const at::Tensor& gate_up) {
   return act;
 }
 
+// Columns [col, col + heads * d) of the [t, cols] matrix m as a [t, heads, d] view, made without the dispatcher:
+// at decode, narrow + view + contiguous cost ~5 us per block (their code and data evicted between steps). The
+// view does not own m's memory: m must outlive it, as it does in decoder_layer_cpu.
+at::Tensor heads_view(const at::Tensor& m, int64_t col, int64_t heads, int64_t d) {
+  return at::from_blob(static_cast<char*>(m.data_ptr()) + col * m.element_size(), {m.size(0), heads, d},
+                       {m.stride(0), d, 1}, m.options());
+}
+
 std::tuple<at::Tensor, at::Tensor> decoder_layer_cpu(const at::Tensor& h, const at::Tensor& y,
                                                      const at::Tensor& positions, const at::Tensor& cos,
                                                      const at::Tensor& sin, at::Tensor& k_cache, at::Tensor& v_cache,
@@ -67,14 +75,16 @@ std::tuple<at::Tensor, at::Tensor> decoder_layer_cpu(const at::Tensor& h, const 
               "must have ", hidden, " (hidden) rows, got ", weights[1].size(0), " and ", weights[3].size(0));
 
   const at::Tensor qkv = linear_cpu(y, weights[0], scales.get(0));
-  const at::Tensor q = qkv.narrow(1, 0, num_heads * d).view({t, num_heads, d});
-  const at::Tensor k = qkv.narrow(1, num_heads * d, hk * d).view({t, hk, d});
-  const at::Tensor v = qkv.narrow(1, (num_heads + hk) * d, hk * d).contiguous().view({t, hk, d});
+  const at::Tensor q = heads_view(qkv, 0, num_heads, d), k = heads_view(qkv, num_heads * d, hk, d);
+  const at::Tensor v_view = heads_view(qkv, (num_heads + hk) * d, hk, d);
+  const at::Tensor v = t == 1 ? v_view : v_view.contiguous();  // one token: already contiguous
   const auto [qr, kr] = qk_norm_rope_cpu(q, k, norms[0], norms[1], cos, sin, eps);
   const at::Tensor attn = attention_cpu(qr, kr, v, k_cache, v_cache, positions, window, scale);
   if (write_cache)  // after attention: a chunk longer than the ring still attends to its own keys
     kv_cache_write_cpu(k_cache, v_cache, kr, v, positions, ring);
-  const at::Tensor o = linear_cpu(attn.view({t, num_heads * d}), weights[1], scales.get(1));
+  // attn (contiguous [t, heads, d]) as [t, heads * d], without the dispatcher as above.
+  const at::Tensor o = linear_cpu(at::from_blob(attn.data_ptr(), {t, num_heads * d}, attn.options()), weights[1],
+                                  scales.get(1));
   const auto [h1, y1] = add_rms_norm_cpu(o, h, norms[2], norms[3], eps);
   const at::Tensor gate_up = linear_cpu(y1, weights[2], scales.get(2));
   const at::Tensor act = gelu_tanh_mul(gate_up);
