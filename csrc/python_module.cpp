@@ -1,9 +1,10 @@
 // The Python module gemma3_fast._C. Importing it loads this library, which runs the op registrations (ops.cpp and
-// the TORCH_LIBRARY_IMPL blocks). It also holds what is not an op: CUDA_BUILT, and DecodeSession (the decode
-// step without the per-step cost of an op call from Python: see cpu/decode_session.h).
+// the TORCH_LIBRARY_IMPL blocks). It also holds what is not an op: CUDA_BUILT, DecodeSession (the decode step
+// without the per-step cost of an op call from Python: see cpu/decode_session.h) and its fused head argmax.
 #include <torch/extension.h>
 
 #include "cpu/decode_session.h"
+#include "cpu/kernels.h"
 
 namespace {
 
@@ -61,4 +62,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           },
           pybind11::arg("token"), pybind11::arg("position"), pybind11::call_guard<pybind11::gil_scoped_release>(),
           "one decode step, then the argmax of its logits: the next token of greedy decoding");
+  m.def(
+      "linear_argmax",
+      [](const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& scales) {
+        return without_backtrace([&] { return gemma3_fast::linear_argmax_cpu(x, weight, scales); });
+      },
+      pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("scales") = pybind11::none(),
+      "argmax(linear(x, weight, scales)) of one token, found while the output is written (DecodeSession.greedy's "
+      "head; exposed for its tests)");
 }

@@ -403,6 +403,38 @@ def test_argmax_row_split_matches_torch(threads):
         torch.set_num_threads(old)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("dtype,int8", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)])
+def test_linear_argmax_is_argmax_of_linear(threads, dtype, int8):
+    """DecodeSession.greedy's head: the argmax of a one-token linear, gathered chunk by chunk from the shared row
+    counter while the output is written. The first maximum, as the argmax op finds it in the written output:
+    with ties (equal rows, in different chunks), a NaN row, and every thread count."""
+    from gemma3_fast.ops import native_module
+    from gemma3_fast.quantize import quantize_int8
+
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for seed, n in ((0, 5000), (1, 262), (2, 64)):
+            w = randn(n, 96, seed=seed)
+            best = int((w @ randn(96, seed=9)).argmax())
+            for dup in (n - 1, n // 2, best - 1, 0):  # copies of the best row, after and before it
+                if 0 <= dup < n:
+                    w[dup] = w[best]
+            weight, scales = quantize_int8(w) if int8 else (w.to(dtype), None)
+            x = randn(1, 96, seed=9).to(dtype)
+            logits = ext.linear(x, weight, scales)
+            assert native_module().linear_argmax(x, weight, scales) == int(ext.argmax(logits)[0])
+            if n > 100 and not int8:  # a NaN row beats everything
+                nan_w = weight.clone()
+                nan_w[n - 7, 3] = float("nan")
+                assert native_module().linear_argmax(x, nan_w, None) == n - 7
+    finally:
+        torch.set_num_threads(old)
+    with pytest.raises(RuntimeError, match="linear_argmax takes one token, got x of shape \\[2, 96\\]"):
+        native_module().linear_argmax(randn(2, 96), randn(10, 96))
+
+
 def test_argmax_opcheck_and_bad_inputs():
     torch.library.opcheck(ext.argmax.default, (randn(3, 100),))
     with pytest.raises(RuntimeError, match="argmax needs a non-empty last dimension, got shape \\[3, 0\\]"):

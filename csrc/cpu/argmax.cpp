@@ -12,78 +12,9 @@
 #include <vector>
 
 #include "../checks.h"
-#include "vec.h"
+#include "argmax.h"
 
 namespace gemma3_fast {
-namespace {
-
-struct Best {
-  float value = -std::numeric_limits<float>::infinity();
-  int64_t index = -1;   // -1: the range was empty
-  bool is_nan = false;  // value is a NaN: nothing beats it, an earlier NaN only
-};
-
-// The first maximum of x[begin, end), as torch orders values (NaN above +inf).
-template <typename T>
-Best range_argmax(const T* x, int64_t begin, int64_t end) {
-  Best best;
-  if (begin >= end) return best;
-  int64_t i = begin;
-  float mx = -std::numeric_limits<float>::infinity();
-  bool any_nan = false;
-#ifdef GEMMA3_AVX2
-  __m256 vmax = _mm256_set1_ps(mx), vnan = _mm256_setzero_ps();
-  for (; i + 8 <= end; i += 8) {
-    const __m256 v = vec::load8(x + i);
-    vmax = _mm256_max_ps(vmax, v);
-    vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-  }
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, vmax);
-  for (float l : lanes) mx = std::max(mx, l);
-  any_nan = _mm256_movemask_ps(vnan) != 0;
-#endif
-  for (; i < end; ++i) {
-    const float v = vec::to_f32(x[i]);
-    any_nan = any_nan || std::isnan(v);
-    mx = std::max(mx, v);
-  }
-  if (any_nan) {  // rare: a scalar scan for the first NaN
-    for (i = begin; !std::isnan(vec::to_f32(x[i])); ++i) {
-    }
-    best.value = std::numeric_limits<float>::quiet_NaN();
-    best.index = i;
-    best.is_nan = true;
-    return best;
-  }
-  i = begin;
-#ifdef GEMMA3_AVX2
-  const __m256 target = _mm256_set1_ps(mx);
-  for (; i + 8 <= end; i += 8) {
-    const int hits = _mm256_movemask_ps(_mm256_cmp_ps(vec::load8(x + i), target, _CMP_EQ_OQ));
-    if (hits != 0) {
-      i += __builtin_ctz(static_cast<unsigned>(hits));
-      best.value = mx;
-      best.index = i;
-      return best;
-    }
-  }
-#endif
-  for (; vec::to_f32(x[i]) != mx; ++i) {
-  }
-  best.value = mx;
-  best.index = i;
-  return best;
-}
-
-// The first maximum of a part of the row and of the part after it.
-Best combine(const Best& earlier, const Best& later) {
-  if (earlier.index < 0) return later;
-  if (later.index < 0 || earlier.is_nan) return earlier;
-  return (later.is_nan || later.value > earlier.value) ? later : earlier;
-}
-
-}  // namespace
 
 at::Tensor argmax_cpu(const at::Tensor& x) {
   check_float_tensor(x, "x");

@@ -48,20 +48,36 @@ DecodeSession::DecodeSession(at::Tensor embed_weight, double embed_scale, at::Te
   positions_ = at::zeros({1}, at::kLong);
 }
 
-at::Tensor DecodeSession::logits(int64_t token, int64_t position) {
+at::Tensor DecodeSession::hidden(int64_t token, int64_t position) {
   TORCH_CHECK(position >= 0, "gemma3_fast: DecodeSession: position must be >= 0, got ", position);
-  c10::InferenceMode no_autograd;  // as the Python decode path runs (torch.inference_mode)
-  ids_.data_ptr<int64_t>()[0] = token;  // range-checked by decoder_forward
+  ids_.data_ptr<int64_t>()[0] = token;  // range-checked by decoder_hidden
   positions_.data_ptr<int64_t>()[0] = position;
-  return decoder_forward_cpu(ids_, positions_, embed_weight_, embed_scale_, first_norm_, inv_freq_local_,
-                             inv_freq_global_, k_caches_, v_caches_, weights_, scales_, norms_, windows_, ring_,
-                             head_weight_, head_scales_, num_heads_, scale_, eps_, /*write_cache=*/true,
-                             /*all_logits=*/false);
+  return decoder_hidden_cpu(ids_, positions_, embed_weight_, embed_scale_, first_norm_, inv_freq_local_,
+                            inv_freq_global_, k_caches_, v_caches_, weights_, scales_, norms_, windows_, ring_,
+                            num_heads_, scale_, eps_, /*write_cache=*/true);
+}
+
+// As decoder_forward_cpu's head.
+template <typename F>
+auto DecodeSession::head(const F& f) {
+  try {
+    return f();
+  } catch (const c10::Error& e) {
+    TORCH_CHECK(false, "gemma3_fast: DecodeSession, the output head (head_weight, head_scales): ",
+                e.what_without_backtrace());
+  }
+}
+
+at::Tensor DecodeSession::logits(int64_t token, int64_t position) {
+  c10::InferenceMode no_autograd;  // as the Python decode path runs (torch.inference_mode)
+  const at::Tensor y = hidden(token, position);
+  return head([&] { return linear_cpu(y, head_weight_, head_scales_); });
 }
 
 int64_t DecodeSession::greedy(int64_t token, int64_t position) {
-  const at::Tensor out = logits(token, position);
-  return argmax_cpu(out).data_ptr<int64_t>()[0];
+  c10::InferenceMode no_autograd;
+  const at::Tensor y = hidden(token, position);
+  return head([&] { return linear_argmax_cpu(y, head_weight_, head_scales_); });
 }
 
 }  // namespace gemma3_fast

@@ -28,10 +28,14 @@ class DecodeSession {
 
   // decoder_forward of one token at `position`, writing its key and value to the caches: logits [1, vocab].
   at::Tensor logits(int64_t token, int64_t position);
-  // The same step, then the argmax of the logits (greedy decoding's next token).
+  // The same step and the argmax of its logits (greedy decoding's next token), found while the head writes them.
   int64_t greedy(int64_t token, int64_t position);
 
  private:
+  at::Tensor hidden(int64_t token, int64_t position);  // the step up to the head: [1, hidden]
+  template <typename F>
+  auto head(const F& f);
+
   at::Tensor embed_weight_, first_norm_, inv_freq_local_, inv_freq_global_, head_weight_;
   std::optional<at::Tensor> head_scales_;
   std::vector<at::Tensor> k_caches_, v_caches_, weights_, norms_;

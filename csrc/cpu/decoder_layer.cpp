@@ -139,13 +139,12 @@ std::tuple<at::Tensor, at::Tensor> decoder_layers_cpu(const at::Tensor& h, const
 // ~10 ATen calls from Python, each 15-25 us there: the weights streaming past evict the interpreter's and
 // the dispatcher's code and data from every cache, so a call that takes 2-5 us in a warm loop costs several
 // times that once per step.
-at::Tensor decoder_forward_cpu(const at::Tensor& ids, const at::Tensor& positions, const at::Tensor& embed_weight,
-                               double embed_scale, const at::Tensor& first_norm, const at::Tensor& inv_freq_local,
-                               const at::Tensor& inv_freq_global, at::TensorList k_caches, at::TensorList v_caches,
-                               at::TensorList weights, const c10::List<std::optional<at::Tensor>>& scales,
-                               at::TensorList norms, at::IntArrayRef windows, const c10::List<bool>& ring,
-                               const at::Tensor& head_weight, const std::optional<at::Tensor>& head_scales,
-                               int64_t num_heads, double scale, double eps, bool write_cache, bool all_logits) {
+at::Tensor decoder_hidden_cpu(const at::Tensor& ids, const at::Tensor& positions, const at::Tensor& embed_weight,
+                              double embed_scale, const at::Tensor& first_norm, const at::Tensor& inv_freq_local,
+                              const at::Tensor& inv_freq_global, at::TensorList k_caches, at::TensorList v_caches,
+                              at::TensorList weights, const c10::List<std::optional<at::Tensor>>& scales,
+                              at::TensorList norms, at::IntArrayRef windows, const c10::List<bool>& ring,
+                              int64_t num_heads, double scale, double eps, bool write_cache) {
   TORCH_CHECK(ids.scalar_type() == at::kLong && ids.dim() == 1 && ids.numel() > 0, "gemma3_fast: ids must be a "
               "non-empty int64 tensor [tokens], got ", ids.scalar_type(), " of shape ", ids.sizes());
   check_contiguous(ids, "ids");
@@ -207,8 +206,20 @@ at::Tensor decoder_forward_cpu(const at::Tensor& ids, const at::Tensor& position
     rope.push_back(tables[window ? 0 : 2]);
     rope.push_back(tables[window ? 1 : 3]);
   }
-  const at::Tensor y_out = std::get<1>(decoder_layers_cpu(h, y, positions, rope, k_caches, v_caches, weights, scales,
-                                                         norms, windows, ring, num_heads, scale, eps, write_cache));
+  return std::get<1>(decoder_layers_cpu(h, y, positions, rope, k_caches, v_caches, weights, scales, norms, windows,
+                                        ring, num_heads, scale, eps, write_cache));
+}
+
+at::Tensor decoder_forward_cpu(const at::Tensor& ids, const at::Tensor& positions, const at::Tensor& embed_weight,
+                               double embed_scale, const at::Tensor& first_norm, const at::Tensor& inv_freq_local,
+                               const at::Tensor& inv_freq_global, at::TensorList k_caches, at::TensorList v_caches,
+                               at::TensorList weights, const c10::List<std::optional<at::Tensor>>& scales,
+                               at::TensorList norms, at::IntArrayRef windows, const c10::List<bool>& ring,
+                               const at::Tensor& head_weight, const std::optional<at::Tensor>& head_scales,
+                               int64_t num_heads, double scale, double eps, bool write_cache, bool all_logits) {
+  const at::Tensor y_out = decoder_hidden_cpu(ids, positions, embed_weight, embed_scale, first_norm, inv_freq_local,
+                                              inv_freq_global, k_caches, v_caches, weights, scales, norms, windows,
+                                              ring, num_heads, scale, eps, write_cache);
   try {
     return linear_cpu(all_logits ? y_out : y_out.narrow(0, y_out.size(0) - 1, 1), head_weight, head_scales);
   } catch (const c10::Error& e) {

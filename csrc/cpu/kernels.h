@@ -23,6 +23,15 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Ten
                          const at::Tensor& v_cache, const at::Tensor& positions, int64_t window, double scale);
 at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& scales);
 at::Tensor argmax_cpu(const at::Tensor& x);
+// argmax_cpu(linear_cpu(x, weight, scales)) of one token x [1, K] (or [K]), found while the logits are written.
+int64_t linear_argmax_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& scales);
+// decoder_forward up to the head: the last block's output (final norm applied) [T, hidden].
+at::Tensor decoder_hidden_cpu(const at::Tensor& ids, const at::Tensor& positions, const at::Tensor& embed_weight,
+                              double embed_scale, const at::Tensor& first_norm, const at::Tensor& inv_freq_local,
+                              const at::Tensor& inv_freq_global, at::TensorList k_caches, at::TensorList v_caches,
+                              at::TensorList weights, const c10::List<std::optional<at::Tensor>>& scales,
+                              at::TensorList norms, at::IntArrayRef windows, const c10::List<bool>& ring,
+                              int64_t num_heads, double scale, double eps, bool write_cache);
 at::Tensor decoder_forward_cpu(const at::Tensor& ids, const at::Tensor& positions, const at::Tensor& embed_weight,
                                double embed_scale, const at::Tensor& first_norm, const at::Tensor& inv_freq_local,
                                const at::Tensor& inv_freq_global, at::TensorList k_caches, at::TensorList v_caches,

@@ -1,0 +1,87 @@
+// The pieces of the argmax kernel (argmax.cpp) that the output head shares (linear.cpp, linear_argmax_cpu):
+// the first maximum of a range as torch.argmax orders values (NaN above everything), and how two ranges' results
+// combine.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "vec.h"
+
+namespace gemma3_fast {
+
+struct Best {
+  float value = -std::numeric_limits<float>::infinity();
+  int64_t index = -1;   // -1: the range was empty
+  bool is_nan = false;  // value is a NaN: nothing beats it, an earlier NaN only
+};
+
+// The first maximum of x[begin, end), as torch orders values (NaN above +inf).
+template <typename T>
+inline Best range_argmax(const T* x, int64_t begin, int64_t end) {
+  Best best;
+  if (begin >= end) return best;
+  int64_t i = begin;
+  float mx = -std::numeric_limits<float>::infinity();
+  bool any_nan = false;
+#ifdef GEMMA3_AVX2
+  __m256 vmax = _mm256_set1_ps(mx), vnan = _mm256_setzero_ps();
+  for (; i + 8 <= end; i += 8) {
+    const __m256 v = vec::load8(x + i);
+    vmax = _mm256_max_ps(vmax, v);
+    vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, vmax);
+  for (float l : lanes) mx = std::max(mx, l);
+  any_nan = _mm256_movemask_ps(vnan) != 0;
+#endif
+  for (; i < end; ++i) {
+    const float v = vec::to_f32(x[i]);
+    any_nan = any_nan || std::isnan(v);
+    mx = std::max(mx, v);
+  }
+  if (any_nan) {  // rare: a scalar scan for the first NaN
+    for (i = begin; !std::isnan(vec::to_f32(x[i])); ++i) {
+    }
+    best.value = std::numeric_limits<float>::quiet_NaN();
+    best.index = i;
+    best.is_nan = true;
+    return best;
+  }
+  i = begin;
+#ifdef GEMMA3_AVX2
+  const __m256 target = _mm256_set1_ps(mx);
+  for (; i + 8 <= end; i += 8) {
+    const int hits = _mm256_movemask_ps(_mm256_cmp_ps(vec::load8(x + i), target, _CMP_EQ_OQ));
+    if (hits != 0) {
+      i += __builtin_ctz(static_cast<unsigned>(hits));
+      best.value = mx;
+      best.index = i;
+      return best;
+    }
+  }
+#endif
+  for (; vec::to_f32(x[i]) != mx; ++i) {
+  }
+  best.value = mx;
+  best.index = i;
+  return best;
+}
+
+// The first maximum of a part of the row and of the part after it.
+inline Best combine(const Best& earlier, const Best& later) {
+  if (earlier.index < 0) return later;
+  if (later.index < 0 || earlier.is_nan) return earlier;
+  return (later.is_nan || later.value > earlier.value) ? later : earlier;
+}
+
+// The same for two ranges in either order (each result carries its index).
+inline Best combine_any(const Best& a, const Best& b) {
+  if (a.index < 0) return b;
+  if (b.index < 0) return a;
+  return a.index < b.index ? combine(a, b) : combine(b, a);
+}
+
+}  // namespace gemma3_fast
