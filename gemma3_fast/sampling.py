@@ -42,6 +42,38 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return logits
 
 
+def draw(weights: torch.Tensor, generator: torch.Generator | None = None) -> int:
+    """An index drawn with probability weights[i] / weights.sum() (weights >= 0, not all 0): where a uniform point
+    falls in their cumulative sum, taken in float64. The same distribution as torch.multinomial(weights, 1), which
+    took ~6.7 ms over 262144 weights on the 2-core EPYC (this: ~0.5 ms), longer than a bf16 decode step's kernels
+    leave to spare."""
+    cdf = weights.double().cumsum(-1)
+    u = torch.rand(1, generator=generator, dtype=torch.float64, device=cdf.device) * cdf[-1]
+    i = int(torch.searchsorted(cdf, u, right=True))
+    return i if i < weights.numel() else int(weights.nonzero()[-1])  # u rounded up to the total
+
+
+TOP_P_CANDIDATES = (1024, 16384)  # topk sizes tried before a full sort
+
+
+def top_p_filter(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The nucleus: the smallest set of the most probable tokens whose mass reaches top_p (the token that crosses
+    it included). Returns their probabilities, the rest zeroed, in descending order, and their token ids. A full
+    sort of 262144 probabilities took ~17-22 ms on the 2-core EPYC. At the usual temperatures the nucleus lies
+    within the top 1024 tokens (topk: ~1 ms; the real model, T <= 1, top_p <= 0.95: 2-637 tokens); when the top
+    k's mass falls short of top_p the nucleus cannot lie within them, so the next size, and last a full sort."""
+    for k in TOP_P_CANDIDATES:
+        if k >= probs.numel():
+            break
+        sorted_p, order = torch.topk(probs, k)
+        mass_before = sorted_p.cumsum(-1) - sorted_p
+        if float(mass_before[-1] + sorted_p[-1]) >= top_p:
+            return sorted_p.masked_fill(mass_before >= top_p, 0.0), order
+    sorted_p, order = torch.sort(probs, descending=True)
+    mass_before = sorted_p.cumsum(-1) - sorted_p
+    return sorted_p.masked_fill(mass_before >= top_p, 0.0), order
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None = None,
            generator: torch.Generator | None = None,
            argmax: Callable[[torch.Tensor], torch.Tensor] = reference_ops.argmax) -> int:
@@ -62,8 +94,6 @@ def sample(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | No
     if params.min_p > 0:
         probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
     if params.top_p < 1:
-        sorted_p, order = torch.sort(probs, descending=True)
-        # keep the smallest prefix whose mass reaches top_p (the token crossing the threshold included)
-        drop = (sorted_p.cumsum(-1) - sorted_p) >= params.top_p
-        probs = probs.scatter(0, order, sorted_p.masked_fill(drop, 0.0))
-    return int(torch.multinomial(probs, 1, generator=generator))
+        kept, order = top_p_filter(probs, params.top_p)
+        return int(order[draw(kept, generator)])
+    return draw(probs, generator)

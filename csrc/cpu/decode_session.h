@@ -2,10 +2,10 @@
 // that takes a token id and a position as plain integers.
 //
 // Going through the op, a decode step paid ~0.6-0.7 ms outside the kernels (2-core EPYC, bf16, measured
-// with timestamps on both sides of the call): turning ~330 tensors of Python lists into the op's arguments
-// and releasing them after, the checks that the model's weights are still the same objects, a positions
-// tensor, the argmax op, each a few microseconds in a warm loop but many times that here, because the
-// weights streaming past between two steps evict the interpreter's and the dispatcher's code and data.
+// with timestamps on both sides of the call): the checks that the model's weights are still the same objects,
+// a positions tensor, parsing ~330 tensors of Python lists into the op's arguments, the return to Python, the
+// argmax op. Each is a few microseconds in a warm loop but many times that here, because the weights streaming
+// past between two steps evict the interpreter's and the dispatcher's code and data.
 // The session does the same work as the op (it calls the same CPU kernel) with none of that per step.
 #pragma once
 
