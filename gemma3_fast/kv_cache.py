@@ -35,6 +35,11 @@ class KVCache:
             self.v.append(torch.zeros(shape, dtype=dtype, device=device))
             self.ring.append(sliding)
 
+    def check_room(self, n: int) -> None:
+        """Raise if n more positions do not fit."""
+        if self.seq_len + n > self.max_len:
+            raise ValueError(f"{self.seq_len} cached + {n} new tokens exceed the KV cache of {self.max_len}")
+
     def reset(self) -> None:
         self.seq_len = 0  # stale slots are never read: attention only reads positions < seq_len
 

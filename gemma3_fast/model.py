@@ -172,8 +172,7 @@ class Gemma3Model(nn.Module):
 
     # -- cache bookkeeping ---------------------------------------------------------------------
     def _positions(self, cache: KVCache, n: int) -> torch.Tensor:
-        if cache.seq_len + n > cache.max_len:
-            raise ValueError(f"{cache.seq_len} cached + {n} new tokens exceed the KV cache of {cache.max_len}")
+        cache.check_room(n)
         return torch.arange(cache.seq_len, cache.seq_len + n, device=self.device)
 
     @torch.inference_mode()
@@ -230,10 +229,8 @@ class DecodeSession:
     def _position(self, token: int) -> int:
         if not 0 <= token < self._vocab:
             raise ValueError(f"token {token} is not a token id: the vocabulary has {self._vocab} entries")
-        cache = self.cache
-        if cache.seq_len >= cache.max_len:
-            raise ValueError(f"{cache.seq_len} cached + 1 new tokens exceed the KV cache of {cache.max_len}")
-        return cache.seq_len
+        self.cache.check_room(1)
+        return self.cache.seq_len
 
     def logits(self, token: int) -> torch.Tensor:
         position = self._position(token)
