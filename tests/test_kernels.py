@@ -629,6 +629,19 @@ def test_decoder_forward_equals_its_composition(start, t, all_logits, int8, dtyp
                                atol=tol * max(1, ref_logits.abs().max().item()))
 
 
+def test_decoder_forward_takes_strided_rope_frequencies():
+    """inv_freq_local/global as strided views (every other element of a longer vector): the same logits and caches
+    as with contiguous copies (the kernel reads them through contiguous tensors it keeps alive)."""
+    args = _forward_args(1, 45, torch.float32)
+    strided = _clone_args(args)
+    for i in (5, 6):
+        strided[i] = torch.stack([args[i], torch.full_like(args[i], 1e9)], 1)[:, 0]
+        assert not strided[i].is_contiguous()
+    assert torch.equal(ext.decoder_forward(*strided), ext.decoder_forward(*args))
+    for got, want in zip(strided[7] + strided[8], args[7] + args[8]):
+        assert torch.equal(got, want)
+
+
 def test_decoder_forward_opcheck_and_bad_inputs():
     torch.library.opcheck(ext.decoder_forward.default, tuple(_forward_args(1, 9, torch.float32)))
     torch.library.opcheck(ext.decoder_forward.default, tuple(_forward_args(3, 4, torch.float32, int8=True,

@@ -135,10 +135,10 @@ std::tuple<at::Tensor, at::Tensor> decoder_layers_cpu(const at::Tensor& h, const
 
 }  // namespace
 
-// The whole forward. At decode the steps around the blocks (embedding, first norm, RoPE tables, head) were
-// ~10 ATen calls from Python, each 15-25 us there: the weights streaming past evict the interpreter's and
-// the dispatcher's code and data from every cache, so a call that takes 2-5 us in a warm loop costs several
-// times that once per step.
+// The whole forward up to the head (decoder_forward_cpu below adds it). At decode the steps around the blocks
+// (embedding, first norm, RoPE tables, head) were ~10 ATen calls from Python, each 15-25 us there: the weights
+// streaming past evict the interpreter's and the dispatcher's code and data from every cache, so a call that
+// takes 2-5 us in a warm loop costs several times that once per step.
 at::Tensor decoder_hidden_cpu(const at::Tensor& ids, const at::Tensor& positions, const at::Tensor& embed_weight,
                               double embed_scale, const at::Tensor& first_norm, const at::Tensor& inv_freq_local,
                               const at::Tensor& inv_freq_global, at::TensorList k_caches, at::TensorList v_caches,
@@ -187,7 +187,8 @@ at::Tensor decoder_hidden_cpu(const at::Tensor& ids, const at::Tensor& positions
   at::Tensor angles = at::empty({2, t, half}, inv_freq_local.options());
   {
     const int64_t* pos = positions.data_ptr<int64_t>();
-    const float* inv[2] = {inv_freq_local.contiguous().data_ptr<float>(), inv_freq_global.contiguous().data_ptr<float>()};
+    const at::Tensor inv_local = inv_freq_local.contiguous(), inv_global = inv_freq_global.contiguous();
+    const float* inv[2] = {inv_local.data_ptr<float>(), inv_global.data_ptr<float>()};
     float* a = angles.data_ptr<float>();
     for (int64_t b = 0; b < 2; ++b)
       for (int64_t i = 0; i < t; ++i)
