@@ -54,7 +54,8 @@ at::Tensor DecodeSession::hidden(int64_t token, int64_t position) {
   positions_.data_ptr<int64_t>()[0] = position;
   return decoder_hidden_cpu(ids_, positions_, embed_weight_, embed_scale_, first_norm_, inv_freq_local_,
                             inv_freq_global_, k_caches_, v_caches_, weights_, scales_, norms_, windows_, ring_,
-                            num_heads_, scale_, eps_, /*write_cache=*/true);
+                            num_heads_, scale_, eps_, /*write_cache=*/true,
+                            /*last_token_only=*/false);
 }
 
 // As decoder_forward_cpu's head.

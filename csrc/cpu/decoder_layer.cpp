@@ -38,19 +38,78 @@ at::Tensor gelu_tanh_mul(const at::Tensor& gate_up) {
 
 // Columns [col, col + heads * d) of the [t, cols] matrix m as a [t, heads, d] view, made without the dispatcher:
 // at decode, narrow + view + contiguous cost ~5 us per block (their code and data evicted between steps). The
-// view does not own m's memory: m must outlive it, as it does in decoder_layer_cpu.
+// view does not own m's memory: m must outlive it, as it does in the blocks below.
 at::Tensor heads_view(const at::Tensor& m, int64_t col, int64_t heads, int64_t d) {
   return at::from_blob(static_cast<char*>(m.data_ptr()) + col * m.element_size(), {m.size(0), heads, d},
                        {m.stride(0), d, 1}, m.options());
 }
 
-std::tuple<at::Tensor, at::Tensor> decoder_layer_cpu(const at::Tensor& h, const at::Tensor& y,
-                                                     const at::Tensor& positions, const at::Tensor& cos,
-                                                     const at::Tensor& sin, at::Tensor& k_cache, at::Tensor& v_cache,
-                                                     at::TensorList weights,
-                                                     const c10::List<std::optional<at::Tensor>>& scales,
-                                                     at::TensorList norms, int64_t num_heads, int64_t window,
-                                                     double scale, double eps, bool ring, bool write_cache) {
+// A block from its attention output on: o_proj, the residual and post-attention norm, the gated MLP, the residual
+// and post-MLP norm (with the next block's input norm). attn [t, heads, d] contiguous, h [t, hidden].
+std::tuple<at::Tensor, at::Tensor> block_after_attention(const at::Tensor& attn, const at::Tensor& h,
+                                                         at::TensorList weights,
+                                                         const c10::List<std::optional<at::Tensor>>& scales,
+                                                         at::TensorList norms, double eps) {
+  // attn as [t, heads * d], without the dispatcher as above.
+  const at::Tensor o = linear_cpu(at::from_blob(attn.data_ptr(), {attn.size(0), attn.size(1) * attn.size(2)},
+                                                attn.options()),
+                                  weights[1], scales.get(1));
+  const auto [h1, y1] = add_rms_norm_cpu(o, h, norms[2], norms[3], eps);
+  const at::Tensor gate_up = linear_cpu(y1, weights[2], scales.get(2));
+  const at::Tensor act = gelu_tanh_mul(gate_up);
+  const at::Tensor mlp = linear_cpu(act, weights[3], scales.get(3));
+  return add_rms_norm_cpu(mlp, h1, norms[4], norms[5], eps);
+}
+
+// The last block when only the last token's output is wanted (a prefill that returns the last logits): every
+// token's key and value still go to the cache, but q, attention, o_proj and the MLP run for the last token alone,
+// as llama.cpp computes only its output rows in the last layer. A 512-token fp32 prefill: 1/18 of its matmul work
+// and attention. The keys are written before attention here (decoder_block writes after): the one query is
+// the chunk's last token, and the caller checks that the cache keeps every key it needs (last_token_fits).
+std::tuple<at::Tensor, at::Tensor> decoder_layer_last_token(const at::Tensor& h, const at::Tensor& y,
+                                                            const at::Tensor& positions, const at::Tensor& cos,
+                                                            const at::Tensor& sin, at::Tensor& k_cache,
+                                                            at::Tensor& v_cache, at::TensorList weights,
+                                                            const c10::List<std::optional<at::Tensor>>& scales,
+                                                            at::TensorList norms, int64_t num_heads, int64_t window,
+                                                            double scale, double eps, bool ring) {
+  const int64_t t = h.size(0), d = norms[0].numel(), hq = num_heads;
+  const int64_t hk = (weights[0].size(0) / d - hq) / 2;
+  // Rows [r0, r0 + n) of the qkv weight and of its int8 scales: views, no copy.
+  auto qkv_rows = [&](int64_t r0, int64_t n) {
+    const std::optional<at::Tensor> s = scales.get(0);
+    return std::pair{weights[0].narrow(0, r0, n), s ? std::optional<at::Tensor>(s->narrow(0, r0, n)) : s};
+  };
+  const auto [w_kv, s_kv] = qkv_rows(hq * d, 2 * hk * d);
+  const auto [w_q, s_q] = qkv_rows(0, hq * d);
+  const at::Tensor kv = linear_cpu(y, w_kv, s_kv);  // [t, 2 * hk * d]: every token's key and value
+  const at::Tensor k = norm_rope_cpu(heads_view(kv, 0, hk, d), norms[1], cos, sin, eps);
+  const at::Tensor v = heads_view(kv, hk * d, hk, d).contiguous();
+  kv_cache_write_cpu(k_cache, v_cache, k, v, positions, ring);
+  auto last = [t](const at::Tensor& x) { return x.narrow(0, t - 1, 1); };  // contiguous: rows of contiguous
+  const at::Tensor q_proj = linear_cpu(last(y), w_q, s_q);  // [1, hq * d]
+  const at::Tensor q = norm_rope_cpu(heads_view(q_proj, 0, hq, d), norms[0], last(cos), last(sin), eps);
+  const at::Tensor attn = attention_cpu(q, last(k), last(v), k_cache, v_cache, last(positions), window, scale);
+  return block_after_attention(attn, last(h), weights, scales, norms, eps);
+}
+
+// Whether decoder_layer_last_token can run this block: writing the chunk's keys before attention must not
+// overwrite a key that the last token (position p) attends to. A ring keeps the last `slots` positions.
+bool last_token_fits(const at::Tensor& k_cache, const at::Tensor& positions, int64_t window, bool ring) {
+  const int64_t t = positions.size(0), p = positions.data_ptr<int64_t>()[t - 1];
+  const int64_t seen = window > 0 ? std::min(window - 1, p) : p;  // cached keys the last query reads
+  return t > 1 && (!ring || k_cache.size(0) > seen);
+}
+
+// One block. last_token_only: the caller wants only the last token's output ([1, hidden] then), and the block
+// may skip the other tokens' work where decoder_layer_last_token can run it.
+std::tuple<at::Tensor, at::Tensor> decoder_block(const at::Tensor& h, const at::Tensor& y, const at::Tensor& positions,
+                                                 const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache,
+                                                 at::Tensor& v_cache, at::TensorList weights,
+                                                 const c10::List<std::optional<at::Tensor>>& scales,
+                                                 at::TensorList norms, int64_t num_heads, int64_t window,
+                                                 double scale, double eps, bool ring, bool write_cache,
+                                                 bool last_token_only) {
   TORCH_CHECK(weights.size() == 4, "gemma3_fast: decoder_layer takes 4 weights [qkv, o, gate_up, down], got ",
               weights.size());
   TORCH_CHECK(scales.size() == 4, "gemma3_fast: decoder_layer takes 4 scales (None unless int8), got ",
@@ -73,6 +132,9 @@ std::tuple<at::Tensor, at::Tensor> decoder_layer_cpu(const at::Tensor& h, const 
               inter2, " rows, expected twice ", kWeightNames[3], "'s in_features (", weights[3].size(1), ")");
   TORCH_CHECK(weights[1].size(0) == hidden && weights[3].size(0) == hidden, "gemma3_fast: o_proj and down_proj ",
               "must have ", hidden, " (hidden) rows, got ", weights[1].size(0), " and ", weights[3].size(0));
+  if (last_token_only && write_cache && last_token_fits(k_cache, positions, window, ring))
+    return decoder_layer_last_token(h, y, positions, cos, sin, k_cache, v_cache, weights, scales, norms, num_heads,
+                                    window, scale, eps, ring);
 
   const at::Tensor qkv = linear_cpu(y, weights[0], scales.get(0));
   const at::Tensor q = heads_view(qkv, 0, num_heads, d), k = heads_view(qkv, num_heads * d, hk, d);
@@ -82,27 +144,32 @@ std::tuple<at::Tensor, at::Tensor> decoder_layer_cpu(const at::Tensor& h, const 
   const at::Tensor attn = attention_cpu(qr, kr, v, k_cache, v_cache, positions, window, scale);
   if (write_cache)  // after attention: a chunk longer than the ring still attends to its own keys
     kv_cache_write_cpu(k_cache, v_cache, kr, v, positions, ring);
-  // attn (contiguous [t, heads, d]) as [t, heads * d], without the dispatcher as above.
-  const at::Tensor o = linear_cpu(at::from_blob(attn.data_ptr(), {t, num_heads * d}, attn.options()), weights[1],
-                                  scales.get(1));
-  const auto [h1, y1] = add_rms_norm_cpu(o, h, norms[2], norms[3], eps);
-  const at::Tensor gate_up = linear_cpu(y1, weights[2], scales.get(2));
-  const at::Tensor act = gelu_tanh_mul(gate_up);
-  const at::Tensor mlp = linear_cpu(act, weights[3], scales.get(3));
-  return add_rms_norm_cpu(mlp, h1, norms[4], norms[5], eps);
+  return block_after_attention(attn, h, weights, scales, norms, eps);
+}
+
+std::tuple<at::Tensor, at::Tensor> decoder_layer_cpu(const at::Tensor& h, const at::Tensor& y,
+                                                     const at::Tensor& positions, const at::Tensor& cos,
+                                                     const at::Tensor& sin, at::Tensor& k_cache, at::Tensor& v_cache,
+                                                     at::TensorList weights,
+                                                     const c10::List<std::optional<at::Tensor>>& scales,
+                                                     at::TensorList norms, int64_t num_heads, int64_t window,
+                                                     double scale, double eps, bool ring, bool write_cache) {
+  return decoder_block(h, y, positions, cos, sin, k_cache, v_cache, weights, scales, norms, num_heads, window, scale,
+                       eps, ring, write_cache, /*last_token_only=*/false);
 }
 
 // All blocks in one call. A decode step called decoder_layer once per block from Python: per call, the
 // interpreter, the argument parsing of ~20 arguments and the dispatcher, with their data evicted from the caches
 // by the weights streaming past in between. Argument i of each per-block list is taken from slice i.
-std::tuple<at::Tensor, at::Tensor> decoder_layers_cpu(const at::Tensor& h, const at::Tensor& y,
-                                                      const at::Tensor& positions, at::TensorList rope,
-                                                      at::TensorList k_caches, at::TensorList v_caches,
-                                                      at::TensorList weights,
-                                                      const c10::List<std::optional<at::Tensor>>& scales,
-                                                      at::TensorList norms, at::IntArrayRef windows,
-                                                      const c10::List<bool>& ring, int64_t num_heads, double scale,
-                                                      double eps, bool write_cache) {
+// last_token_only: only the last token's output is wanted; the last block may then run for it alone.
+std::tuple<at::Tensor, at::Tensor> decoder_blocks(const at::Tensor& h, const at::Tensor& y,
+                                                  const at::Tensor& positions, at::TensorList rope,
+                                                  at::TensorList k_caches, at::TensorList v_caches,
+                                                  at::TensorList weights,
+                                                  const c10::List<std::optional<at::Tensor>>& scales,
+                                                  at::TensorList norms, at::IntArrayRef windows,
+                                                  const c10::List<bool>& ring, int64_t num_heads, double scale,
+                                                  double eps, bool write_cache, bool last_token_only) {
   const size_t n = windows.size();
   TORCH_CHECK(n > 0, "gemma3_fast: decoder_layers needs at least one layer (windows is empty)");
   auto check_count = [n](size_t got, size_t per_layer, const char* name, const char* what) {
@@ -123,14 +190,27 @@ std::tuple<at::Tensor, at::Tensor> decoder_layers_cpu(const at::Tensor& h, const
     for (size_t j = 0; j < 4; ++j) layer_scales.push_back(scales.get(4 * i + j));
     at::Tensor k_cache = k_caches[i], v_cache = v_caches[i];
     try {
-      std::tie(hh, yy) = decoder_layer_cpu(hh, yy, positions, rope[2 * i], rope[2 * i + 1], k_cache, v_cache,
-                                           weights.slice(4 * i, 4), layer_scales, norms.slice(6 * i, 6), num_heads,
-                                           windows[i], scale, eps, ring.get(i), write_cache);
+      std::tie(hh, yy) = decoder_block(hh, yy, positions, rope[2 * i], rope[2 * i + 1], k_cache, v_cache,
+                                       weights.slice(4 * i, 4), layer_scales, norms.slice(6 * i, 6), num_heads,
+                                       windows[i], scale, eps, ring.get(i), write_cache,
+                                       last_token_only && i + 1 == n);
     } catch (const c10::Error& e) {
       TORCH_CHECK(false, "gemma3_fast: decoder_layers, layer ", i, ": ", e.what_without_backtrace());
     }
   }
   return {hh, yy};
+}
+
+std::tuple<at::Tensor, at::Tensor> decoder_layers_cpu(const at::Tensor& h, const at::Tensor& y,
+                                                      const at::Tensor& positions, at::TensorList rope,
+                                                      at::TensorList k_caches, at::TensorList v_caches,
+                                                      at::TensorList weights,
+                                                      const c10::List<std::optional<at::Tensor>>& scales,
+                                                      at::TensorList norms, at::IntArrayRef windows,
+                                                      const c10::List<bool>& ring, int64_t num_heads, double scale,
+                                                      double eps, bool write_cache) {
+  return decoder_blocks(h, y, positions, rope, k_caches, v_caches, weights, scales, norms, windows, ring, num_heads,
+                        scale, eps, write_cache, /*last_token_only=*/false);
 }
 
 }  // namespace
@@ -144,7 +224,7 @@ at::Tensor decoder_hidden_cpu(const at::Tensor& ids, const at::Tensor& positions
                               const at::Tensor& inv_freq_global, at::TensorList k_caches, at::TensorList v_caches,
                               at::TensorList weights, const c10::List<std::optional<at::Tensor>>& scales,
                               at::TensorList norms, at::IntArrayRef windows, const c10::List<bool>& ring,
-                              int64_t num_heads, double scale, double eps, bool write_cache) {
+                              int64_t num_heads, double scale, double eps, bool write_cache, bool last_token_only) {
   TORCH_CHECK(ids.scalar_type() == at::kLong && ids.dim() == 1 && ids.numel() > 0, "gemma3_fast: ids must be a "
               "non-empty int64 tensor [tokens], got ", ids.scalar_type(), " of shape ", ids.sizes());
   check_contiguous(ids, "ids");
@@ -207,8 +287,8 @@ at::Tensor decoder_hidden_cpu(const at::Tensor& ids, const at::Tensor& positions
     rope.push_back(tables[window ? 0 : 2]);
     rope.push_back(tables[window ? 1 : 3]);
   }
-  return std::get<1>(decoder_layers_cpu(h, y, positions, rope, k_caches, v_caches, weights, scales, norms, windows,
-                                        ring, num_heads, scale, eps, write_cache));
+  return std::get<1>(decoder_blocks(h, y, positions, rope, k_caches, v_caches, weights, scales, norms, windows, ring,
+                                    num_heads, scale, eps, write_cache, last_token_only));
 }
 
 at::Tensor decoder_forward_cpu(const at::Tensor& ids, const at::Tensor& positions, const at::Tensor& embed_weight,
@@ -220,7 +300,7 @@ at::Tensor decoder_forward_cpu(const at::Tensor& ids, const at::Tensor& position
                                int64_t num_heads, double scale, double eps, bool write_cache, bool all_logits) {
   const at::Tensor y_out = decoder_hidden_cpu(ids, positions, embed_weight, embed_scale, first_norm, inv_freq_local,
                                               inv_freq_global, k_caches, v_caches, weights, scales, norms, windows,
-                                              ring, num_heads, scale, eps, write_cache);
+                                              ring, num_heads, scale, eps, write_cache, !all_logits);
   try {
     return linear_cpu(all_logits ? y_out : y_out.narrow(0, y_out.size(0) - 1, 1), head_weight, head_scales);
   } catch (const c10::Error& e) {

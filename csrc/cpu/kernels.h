@@ -17,6 +17,9 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm_cpu(const at::Tensor& x, const a
 std::tuple<at::Tensor, at::Tensor> qk_norm_rope_cpu(const at::Tensor& q, const at::Tensor& k,
                                                     const at::Tensor& q_weight, const at::Tensor& k_weight,
                                                     const at::Tensor& cos, const at::Tensor& sin, double eps);
+// One of qk_norm_rope_cpu's halves: per-head RMSNorm + RoPE of x [t, heads, head_dim] (strided over t and heads).
+at::Tensor norm_rope_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& cos, const at::Tensor& sin,
+                         double eps);
 void kv_cache_write_cpu(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k, const at::Tensor& v,
                         const at::Tensor& positions, bool ring);
 at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
@@ -25,13 +28,14 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::
 at::Tensor argmax_cpu(const at::Tensor& x);
 // argmax_cpu(linear_cpu(x, weight, scales)) of one token x [1, K] (or [K]), found while the logits are written.
 int64_t linear_argmax_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& scales);
-// decoder_forward up to the head: the last block's output (final norm applied) [T, hidden].
+// decoder_forward up to the head: the last block's output (final norm applied) [T, hidden], or with
+// last_token_only [1, hidden], the last token's (the last block may then skip the other tokens' work).
 at::Tensor decoder_hidden_cpu(const at::Tensor& ids, const at::Tensor& positions, const at::Tensor& embed_weight,
                               double embed_scale, const at::Tensor& first_norm, const at::Tensor& inv_freq_local,
                               const at::Tensor& inv_freq_global, at::TensorList k_caches, at::TensorList v_caches,
                               at::TensorList weights, const c10::List<std::optional<at::Tensor>>& scales,
                               at::TensorList norms, at::IntArrayRef windows, const c10::List<bool>& ring,
-                              int64_t num_heads, double scale, double eps, bool write_cache);
+                              int64_t num_heads, double scale, double eps, bool write_cache, bool last_token_only);
 at::Tensor decoder_forward_cpu(const at::Tensor& ids, const at::Tensor& positions, const at::Tensor& embed_weight,
                                double embed_scale, const at::Tensor& first_norm, const at::Tensor& inv_freq_local,
                                const at::Tensor& inv_freq_global, at::TensorList k_caches, at::TensorList v_caches,

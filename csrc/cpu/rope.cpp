@@ -78,6 +78,37 @@ std::tuple<at::Tensor, at::Tensor> qk_norm_rope_cpu(const at::Tensor& q, const a
   return {q_out, k_out};
 }
 
+at::Tensor norm_rope_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& cos, const at::Tensor& sin,
+                         double eps) {
+  check_dim(x, 3, "x", "[tokens, heads, head_dim]");
+  const int64_t t = x.size(0), heads = x.size(1), d = x.size(2);
+  TORCH_CHECK(x.stride(2) == 1, "gemma3_fast: norm_rope: x must be contiguous in head_dim");
+  check_shape(weight, {d}, "weight");
+  check_same_dtype(weight, x, "weight", "x");
+  check_contiguous(weight, "weight");
+  for (const auto& [tab, name] : {std::pair{&cos, "cos"}, std::pair{&sin, "sin"}}) {
+    TORCH_CHECK(tab->scalar_type() == at::kFloat, "gemma3_fast: ", name, " must be float32, got ", tab->scalar_type());
+    check_shape(*tab, {t, d / 2}, name);
+    check_contiguous(*tab, name);
+  }
+  at::Tensor out = at::empty({t, heads, d}, x.options());
+  dispatch_float_bf16(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T *xp = x.data_ptr<T>(), *w = weight.data_ptr<T>();
+    const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
+    T* o = out.data_ptr<T>();
+    at::parallel_for(0, t * heads, 16, [&](int64_t b, int64_t e) {
+      std::vector<float> buf(d);
+      for (int64_t item = b; item < e; ++item) {
+        const int64_t ti = item / heads, h = item % heads;
+        norm_rope_row(o + item * d, xp + ti * x.stride(0) + h * x.stride(1), w, cp + ti * (d / 2), sp + ti * (d / 2),
+                      d, eps, buf.data());
+      }
+    });
+  });
+  return out;
+}
+
 TORCH_LIBRARY_IMPL(gemma3_fast, CPU, m) { m.impl("qk_norm_rope", &qk_norm_rope_cpu); }
 
 }  // namespace gemma3_fast
