@@ -82,6 +82,7 @@ at::Tensor norm_rope_cpu(const at::Tensor& x, const at::Tensor& weight, const at
                          double eps) {
   check_dim(x, 3, "x", "[tokens, heads, head_dim]");
   const int64_t t = x.size(0), heads = x.size(1), d = x.size(2);
+  TORCH_CHECK(d % 2 == 0 && d > 0, "gemma3_fast: head_dim must be even and > 0, got ", d);
   TORCH_CHECK(x.stride(2) == 1, "gemma3_fast: norm_rope: x must be contiguous in head_dim");
   check_shape(weight, {d}, "weight");
   check_same_dtype(weight, x, "weight", "x");
