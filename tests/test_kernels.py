@@ -601,6 +601,19 @@ def _forward_args(t, start, dtype, int8=False, all_logits=False, vocab=50):
             stack[13], True, all_logits]
 
 
+def _composed_forward(args):
+    """decoder_forward(*args) op by op: embedding * scale, rms_norm, the RoPE tables of both bases (sliding layers:
+    local), decoder_layers, the head (all rows, or the last). Returns the logits and the (written) caches."""
+    (ids, positions, embed, scale, first_norm, inv_local, inv_global, k_caches, v_caches, weights, scales, norms,
+     windows, ring, head, head_scales, hq, attn_scale, eps, write, all_logits) = args
+    h = torch.nn.functional.embedding(ids, embed) * scale
+    local, global_ = ref.rope_cos_sin(positions, inv_local), ref.rope_cos_sin(positions, inv_global)
+    rope = [x for w in windows for x in (local if w else global_)]
+    _, y = ext.decoder_layers(h, ext.rms_norm(h, first_norm, eps), positions, rope, k_caches, v_caches, weights,
+                              scales, norms, windows, ring, hq, attn_scale, eps, write)
+    return ext.linear(y if all_logits else y[-1:], head, head_scales), (k_caches, v_caches)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("int8", [False, True])
 @pytest.mark.parametrize("start,t,all_logits", [(0, 1, False), (45, 1, False), (0, 20, True), (30, 17, False)])
@@ -610,15 +623,8 @@ def test_decoder_forward_equals_its_composition(start, t, all_logits, int8, dtyp
     args = _forward_args(t, start, dtype, int8, all_logits)
     composed, ref_args = _clone_args(args), _clone_args(args)
     logits = ext.decoder_forward(*args)
-    (ids, positions, embed, scale, first_norm, inv_local, inv_global, k_caches, v_caches, weights, scales, norms,
-     windows, ring, head, head_scales, hq, attn_scale, eps, write, _) = composed
-    h = torch.nn.functional.embedding(ids, embed) * scale
-    local, global_ = ref.rope_cos_sin(positions, inv_local), ref.rope_cos_sin(positions, inv_global)
-    rope = [x for w in windows for x in (local if w else global_)]
-    h, y = ext.decoder_layers(h, ext.rms_norm(h, first_norm, eps), positions, rope, k_caches, v_caches, weights,
-                              scales, norms, windows, ring, hq, attn_scale, eps, write)
-    expected = ext.linear(y if all_logits else y[-1:], head, head_scales)
-    assert logits.shape == (t if all_logits else 1, embed.shape[0]) and logits.dtype == dtype
+    expected, (k_caches, v_caches) = _composed_forward(composed)
+    assert logits.shape == (t if all_logits else 1, args[2].shape[0]) and logits.dtype == dtype
     if all_logits or t == 1:
         assert torch.equal(logits, expected)
     else:  # the last block ran for the last token alone: other kernels (gemv, decode attention), other rounding
@@ -662,15 +668,8 @@ def test_decoder_forward_last_token_only_needs_room_in_the_ring():
         caches[-1] = randn(W - 1, *caches[-1].shape[1:], dtype=caches[-1].dtype, seed=32)
     composed = _clone_args(args)
     logits = ext.decoder_forward(*args)
-    (ids, positions, embed, scale, first_norm, inv_local, inv_global, k_caches, v_caches, weights, scales, norms,
-     windows, ring, head, head_scales, hq, attn_scale, eps, write, _) = composed
-    h = torch.nn.functional.embedding(ids, embed) * scale
-    local, global_ = ref.rope_cos_sin(positions, inv_local), ref.rope_cos_sin(positions, inv_global)
-    rope = [x for w in windows for x in (local if w else global_)]
-    _, y = ext.decoder_layers(h, ext.rms_norm(h, first_norm, eps), positions, rope, k_caches, v_caches, weights,
-                              scales, norms, windows, ring, hq, attn_scale, eps, write)
-    assert windows[-1] == W and ring[-1]
-    assert torch.equal(logits, ext.linear(y[-1:], head, head_scales))
+    assert args[12][-1] == W and args[13][-1]  # the last block: sliding, a ring
+    assert torch.equal(logits, _composed_forward(composed)[0])
 
 
 def test_decoder_forward_takes_strided_rope_frequencies():
