@@ -75,5 +75,7 @@ void check_kv_args(const at::Tensor& k_cache, const at::Tensor& v_cache, const a
 // Checks attention's arguments and returns positions[0] (positions must already be readable on the host).
 int64_t check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
                              const at::Tensor& v_cache, const at::Tensor& positions_cpu, int64_t window);
+// Checks causal_attention's q [B,T,Hq,D], k and v [B,T,Hk,D] (contiguous, one dtype) and window (cpu/attention.cpp).
+void check_causal_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t window);
 
 }  // namespace gemma3_fast

@@ -7,8 +7,8 @@ TORCH_LIBRARY(gemma3_fast, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   // Sandwich-norm step: h = residual + rms_norm(x, post_weight); y = rms_norm(h, pre_weight). Returns (h, y).
   m.def("add_rms_norm(Tensor x, Tensor residual, Tensor post_weight, Tensor pre_weight, float eps) -> (Tensor, Tensor)");
-  // Per-head RMSNorm of q [T,Hq,D] and k [T,Hk,D], then half-split RoPE with cos/sin [T,D/2] (fp32) of the
-  // tokens' angles. Returns new contiguous (q, k); q/k rows may be strided views (e.g. of a fused qkv output).
+  // Per-head RMSNorm of q [T,Hq,D] and k [T,Hk,D] (or [B,T,H,D], every row from position 0), then half-split
+  // RoPE with cos/sin [T,D/2] (fp32) of the tokens' angles. Returns new contiguous (q, k); q/k rows may be strided views (e.g. of a fused qkv output).
   m.def("qk_norm_rope(Tensor q, Tensor k, Tensor q_weight, Tensor k_weight, Tensor cos, Tensor sin, "
         "float eps) -> (Tensor, Tensor)");
   // Writes k/v [T,Hk,D] into the preallocated caches [S,Hk,D] at slot p % S (ring) or p (linear).
@@ -45,4 +45,26 @@ TORCH_LIBRARY(gemma3_fast, m) {
         "Tensor inv_freq_local, Tensor inv_freq_global, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, "
         "Tensor[] weights, Tensor?[] scales, Tensor[] norms, int[] windows, bool[] ring, Tensor head_weight, "
         "Tensor? head_scales, int num_heads, float scale, float eps, bool write_cache, bool all_logits) -> Tensor");
+
+  // -- training: the batched forward's extra ops and the backward of each fused op -------------------------
+  // gelu_tanh(gate) * up of the fused gate|up projection output [..., 2I] -> [..., I], fp32 math.
+  m.def("gelu_tanh_mul(Tensor gate_up) -> Tensor");
+  m.def("gelu_tanh_mul_backward(Tensor grad, Tensor gate_up) -> Tensor");
+  // Causal (window > 0: sliding) attention of a training batch, q [B,T,Hq,D], k/v [B,T,Hk,D], each row a sequence
+  // from position 0 and no cache. Returns (out [B,T,Hq,D], lse [B,T,Hq] fp32: each query's log-sum-exp of scores).
+  m.def("causal_attention(Tensor q, Tensor k, Tensor v, int window, float scale) -> (Tensor, Tensor)");
+  // Rebuilds the probabilities from lse (no [T, T] matrix saved). Returns (grad_q, grad_k, grad_v).
+  m.def("causal_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "int window, float scale) -> (Tensor, Tensor, Tensor)");
+  // Returns (grad_x, grad_weight).
+  m.def("rms_norm_backward(Tensor grad, Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)");
+  // h: add_rms_norm's first output. Returns (grad_x, grad_residual, grad_post_weight, grad_pre_weight).
+  m.def("add_rms_norm_backward(Tensor grad_h, Tensor grad_y, Tensor x, Tensor h, Tensor post_weight, "
+        "Tensor pre_weight, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  // q/k as given to qk_norm_rope ([T,H,D] or [B,T,H,D]). Returns (grad_q, grad_k, grad_q_weight, grad_k_weight).
+  m.def("qk_norm_rope_backward(Tensor grad_q, Tensor grad_k, Tensor q, Tensor k, Tensor q_weight, Tensor k_weight, "
+        "Tensor cos, Tensor sin, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The training loss on a chunk of fp32 logit rows [N, V], in place: each row becomes (softmax - one_hot(target))
+  // * grad_scale (zero where target == ignore_index). Returns the rows' losses lse - logit[target] [N] (0 if ignored).
+  m.def("softmax_cross_entropy_(Tensor(a!) logits, Tensor targets, float grad_scale, int ignore_index) -> Tensor");
 }

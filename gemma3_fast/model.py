@@ -9,12 +9,14 @@ decoder_forward: embedding, the blocks, the head (reference_ops.decoder_forward 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import ops as ops_module
 from .config import Gemma3Config
 from .kv_cache import KVCache
-from .reference_ops import rope_inv_freq
+from .loss import IGNORE_INDEX, chunked_cross_entropy
+from .reference_ops import decoder_block, rope_cos_sin, rope_inv_freq
 
 
 class Linear(nn.Module):
@@ -163,6 +165,52 @@ class Gemma3Model(nn.Module):
             self.inv_freq_global, k_caches, v_caches, plan.weights, plan.scales, plan.norms, plan.windows, ring,
             self.lm_head.weight, self.lm_head.scales, c.num_attention_heads, c.attn_scale, c.rms_norm_eps,
             cache is not None, all_logits)
+
+    # -- training ------------------------------------------------------------------------------------
+    def hidden_states(self, input_ids: torch.Tensor, ops=None,
+                      compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The training forward: ids [B, T], every row a sequence from position 0, no cache. Returns the last
+        block's output with the final norm applied, [B, T, hidden], differentiable. The blocks are
+        reference_ops.decoder_block, the composition decoder_forward runs, here with `ops` (default:
+        ops.training_ops for this model's backend: the extension's ops with their C++ backward) and causal
+        attention over the batch. compute_dtype=bfloat16 runs the activations in bf16 from fp32 weights (each
+        weight cast per use; its gradient lands in fp32)."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"hidden_states takes token ids [batch, tokens], got shape {tuple(input_ids.shape)}")
+        c = self.config
+        if input_ids.shape[1] > c.max_position_embeddings:
+            raise ValueError(f"sequence of {input_ids.shape[1]} tokens exceeds the model's context of "
+                             f"{c.max_position_embeddings}")
+        ops = ops or ops_module.training_ops(self.backend, self.device)
+        dtype = compute_dtype or self.dtype
+        positions = torch.arange(input_ids.shape[1], device=self.device)
+        tables = {theta: rope_cos_sin(positions, inv) for theta, inv in
+                  (("local", self.inv_freq_local), ("global", self.inv_freq_global))}
+        h = (F.embedding(input_ids, self.embed_tokens.weight) * self.embed_scale()).to(dtype)
+        layers = list(self.layers)
+        y = ops.rms_norm(h, layers[0].input_norm, c.rms_norm_eps)
+        for i, block in enumerate(layers):
+            next_norm = layers[i + 1].input_norm if i + 1 < len(layers) else self.final_norm
+            cos, sin = tables["local" if block.window else "global"]
+
+            def attend(q, k, v, window=block.window, scale=block.scale):
+                return ops.causal_attention(q, k, v, window, scale)
+
+            h, y = decoder_block(ops, h, y, cos, sin, attend, *block.op_args(next_norm), block.hq, block.eps)
+        return y
+
+    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, ops=None,
+             compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Mean next-token cross-entropy of ids [B, T] against targets [B, T] (IGNORE_INDEX = not counted): the
+        training forward, then the output head and the loss in chunks of rows (loss.py), never the whole logits."""
+        if targets.shape != input_ids.shape:
+            raise ValueError(f"targets {tuple(targets.shape)} must have the shape of input_ids "
+                             f"{tuple(input_ids.shape)}")
+        if self.lm_head.scales is not None:
+            raise ValueError("an int8-quantized model cannot be trained: load it without --quantize")
+        ops = ops or ops_module.training_ops(self.backend, self.device)
+        y = self.hidden_states(input_ids, ops, compute_dtype)
+        return chunked_cross_entropy(y.flatten(0, 1), self.lm_head.weight, targets.flatten(), ops, IGNORE_INDEX)
 
     def _block_plan(self) -> _BlockPlan:
         plan = self.__dict__.get("_plan")

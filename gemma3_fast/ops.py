@@ -16,7 +16,12 @@ import torch
 from . import reference_ops
 
 OP_NAMES = ("rms_norm", "add_rms_norm", "qk_norm_rope", "kv_cache_write", "attention", "linear", "argmax",
-            "decoder_layer", "decoder_layers", "decoder_forward")
+            "decoder_layer", "decoder_layers", "decoder_forward", "gelu_tanh_mul", "causal_attention",
+            "softmax_cross_entropy_")
+# The ops a training step runs (reference_ops.decoder_block's op set plus the batched attention); in the
+# extension each has a registered autograd formula whose backward is a C++ op.
+TRAINING_OP_NAMES = ("linear", "rms_norm", "add_rms_norm", "qk_norm_rope", "gelu_tanh_mul", "causal_attention",
+                     "softmax_cross_entropy_")
 BACKENDS = ("auto", "extension", "reference")
 
 try:
@@ -64,6 +69,41 @@ if EXTENSION_AVAILABLE:
         return torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(
             k, memory_format=torch.contiguous_format)
 
+    @torch.library.register_fake(_lib + "gelu_tanh_mul")
+    def _(gate_up):
+        return gate_up.new_empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2))
+
+    @torch.library.register_fake(_lib + "gelu_tanh_mul_backward")
+    def _(grad, gate_up):
+        return torch.empty_like(gate_up, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake(_lib + "causal_attention")
+    def _(q, k, v, window, scale):
+        return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3],
+                                                                                        dtype=torch.float32)
+
+    @torch.library.register_fake(_lib + "causal_attention_backward")
+    def _(grad_out, q, k, v, out, lse, window, scale):
+        return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+    @torch.library.register_fake(_lib + "softmax_cross_entropy_")
+    def _(logits, targets, grad_scale, ignore_index):
+        return logits.new_empty(logits.shape[:1])
+
+    @torch.library.register_fake(_lib + "rms_norm_backward")
+    def _(grad, x, weight, eps):
+        return torch.empty_like(x), torch.empty_like(weight)
+
+    @torch.library.register_fake(_lib + "add_rms_norm_backward")
+    def _(grad_h, grad_y, x, h, post_weight, pre_weight, eps):
+        return torch.empty_like(x), torch.empty_like(x), torch.empty_like(post_weight), torch.empty_like(pre_weight)
+
+    @torch.library.register_fake(_lib + "qk_norm_rope_backward")
+    def _(grad_q, grad_k, q, k, q_weight, k_weight, cos, sin, eps):
+        return (torch.empty_like(q, memory_format=torch.contiguous_format),
+                torch.empty_like(k, memory_format=torch.contiguous_format), torch.empty_like(q_weight),
+                torch.empty_like(k_weight))
+
     @torch.library.register_fake(_lib + "kv_cache_write")
     def _(k_cache, v_cache, k, v, positions, ring):
         return None
@@ -100,6 +140,49 @@ if EXTENSION_AVAILABLE:
     for _name in OP_NAMES:
         torch.library.register_kernel(_lib + _name, "mps", getattr(reference_ops, _name))
 
+    # -- autograd: setup_context saves what the backward op needs; the backward is one C++ op per fused op --
+    _ns = torch.ops.gemma3_fast
+
+    def _save(ctx, tensors, **consts):
+        ctx.save_for_backward(*tensors)
+        ctx.__dict__.update(consts)
+
+    torch.library.register_autograd(
+        _lib + "rms_norm",
+        lambda ctx, grad: (*_ns.rms_norm_backward(grad, *ctx.saved_tensors, ctx.eps), None),
+        setup_context=lambda ctx, inputs, output: _save(ctx, inputs[:2], eps=inputs[2]))
+
+    def _add_rms_norm_backward(ctx, grad_h, grad_y):
+        x, h, post, pre = ctx.saved_tensors
+        return (*_ns.add_rms_norm_backward(grad_h, grad_y, x, h, post, pre, ctx.eps), None)
+
+    torch.library.register_autograd(
+        _lib + "add_rms_norm", _add_rms_norm_backward,
+        setup_context=lambda ctx, inputs, output: _save(ctx, (inputs[0], output[0], inputs[2], inputs[3]),
+                                                        eps=inputs[4]))
+
+    def _qk_norm_rope_backward(ctx, grad_q, grad_k):
+        return (*_ns.qk_norm_rope_backward(grad_q, grad_k, *ctx.saved_tensors, ctx.eps), None, None, None)
+
+    torch.library.register_autograd(
+        _lib + "qk_norm_rope", _qk_norm_rope_backward,
+        setup_context=lambda ctx, inputs, output: _save(ctx, inputs[:6], eps=inputs[6]))
+
+    torch.library.register_autograd(
+        _lib + "gelu_tanh_mul", lambda ctx, grad: _ns.gelu_tanh_mul_backward(grad, *ctx.saved_tensors),
+        setup_context=lambda ctx, inputs, output: _save(ctx, inputs[:1]))
+
+    def _causal_attention_setup(ctx, inputs, output):
+        q, k, v, window, scale = inputs
+        ctx.mark_non_differentiable(output[1])
+        _save(ctx, (q, k, v, *output), window=window, scale=scale)
+
+    def _causal_attention_backward(ctx, grad_out, _grad_lse):
+        return (*_ns.causal_attention_backward(grad_out, *ctx.saved_tensors, ctx.window, ctx.scale), None, None)
+
+    torch.library.register_autograd(_lib + "causal_attention", _causal_attention_backward,
+                                    setup_context=_causal_attention_setup)
+
 
 def _extension_ops() -> SimpleNamespace:
     ns = torch.ops.gemma3_fast
@@ -107,6 +190,38 @@ def _extension_ops() -> SimpleNamespace:
 
 
 REFERENCE = SimpleNamespace(name="reference", **{n: getattr(reference_ops, n) for n in OP_NAMES})
+
+
+def _extension_training_ops() -> SimpleNamespace:
+    ns = torch.ops.gemma3_fast
+
+    # Weights are cast to the activations' dtype (a no-op in fp32; bf16 training keeps fp32 master weights and
+    # the cast carries their gradient back). Projections are torch's matmul (the reference linear).
+    def add_rms_norm(x, residual, post_weight, pre_weight, eps):
+        return ns.add_rms_norm(x, residual, post_weight.to(x.dtype), pre_weight.to(x.dtype), eps)
+
+    def qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps):
+        return ns.qk_norm_rope(q, k, q_weight.to(q.dtype), k_weight.to(q.dtype), cos, sin, eps)
+
+    return SimpleNamespace(
+        name="extension", linear=reference_ops.linear, add_rms_norm=add_rms_norm, qk_norm_rope=qk_norm_rope,
+        rms_norm=lambda x, weight, eps: ns.rms_norm(x, weight.to(x.dtype), eps),
+        gelu_tanh_mul=ns.gelu_tanh_mul, softmax_cross_entropy_=ns.softmax_cross_entropy_,
+        causal_attention=lambda q, k, v, window, scale: ns.causal_attention(q, k, v.contiguous(), window, scale)[0])
+
+
+REFERENCE_TRAINING = SimpleNamespace(
+    name="reference", **{n: getattr(reference_ops, n) for n in TRAINING_OP_NAMES if n != "causal_attention"},
+    causal_attention=lambda q, k, v, window, scale: reference_ops.causal_attention(q, k, v, window, scale)[0])
+
+
+def training_ops(backend: str, device: torch.device | str) -> SimpleNamespace:
+    """The differentiable op set of a training step (TRAINING_OP_NAMES; causal_attention returns only the output):
+    the extension's ops with their C++ backward on the CPU, else the reference under torch's autograd."""
+    ops = resolve_backend(backend, device)
+    if ops.name == "extension" and torch.device(device).type == "cpu":
+        return _extension_training_ops()
+    return REFERENCE_TRAINING
 
 
 def resolve_backend(backend: str, device: torch.device | str) -> SimpleNamespace:

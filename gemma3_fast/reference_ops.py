@@ -6,13 +6,18 @@ Shapes (batch 1; T tokens of one sequence):
   k, v             [T, Hk, D]               key/value heads of the new tokens
   k_cache, v_cache [S, Hk, D]               preallocated cache; position p lives in slot p % S
   positions        int64 [T], consecutive   absolute positions of the T tokens
-All math runs in fp32 and is cast back to the input dtype once, at the end.
+All math runs in fp32 (float64 inputs stay float64, for gradcheck) and is cast back to the input dtype once, at
+the end. Training runs the same composition (decoder_block) batched: [B, T, ...] with causal_attention.
 """
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
+
+_THIS = sys.modules[__name__]  # this module as decoder_block's op set
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -26,7 +31,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, post_weight: torch.Ten
 
     The normed branch is rounded to the activation dtype before the add, as transformers does.
     """
-    h = (residual.float() + rms_norm(x, post_weight, eps).float()).to(x.dtype)
+    h = (_acc(residual) + _acc(rms_norm(x, post_weight, eps))).to(x.dtype)
     return h, rms_norm(h, pre_weight, eps)
 
 
@@ -57,10 +62,15 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_wei
     return apply_rope(qn, cos, sin).to(q.dtype), apply_rope(kn, cos, sin).to(k.dtype)
 
 
+def _acc(x: torch.Tensor) -> torch.Tensor:
+    """x in the accumulation dtype: fp32, or float64 for float64 inputs (gradcheck runs the reference in float64)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def _norm_f32(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     # rms_norm kept in fp32: the fused op rounds once, after RoPE.
-    xf = x.float()
-    return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * (1.0 + w.float())
+    xf = _acc(x)
+    return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * (1.0 + _acc(w))
 
 
 def kv_cache_write(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -85,28 +95,51 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.
     than the ring still sees its own keys. The cache is read before this chunk is written into it.
     Returns [T, Hq, D] in q's dtype.
     """
-    t, hq, d = q.shape
-    hk = k.shape[1]
     size = k_cache.shape[0]
     start = int(positions[0])
     lo = max(0, start - (window - 1)) if window > 0 else 0
     if start - lo > size:
         raise ValueError(f"attention: keys {lo}..{start - 1} are needed but the cache holds only {size} slots")
     cached = torch.arange(lo, start, device=q.device)
-    keys = torch.cat((k_cache[cached % size].float(), k.float()))  # [L, Hk, D]
-    vals = torch.cat((v_cache[cached % size].float(), v.float()))
+    keys = torch.cat((_acc(k_cache[cached % size]), _acc(k)))  # [L, Hk, D]
+    vals = torch.cat((_acc(v_cache[cached % size]), _acc(v)))
     kpos = torch.cat((cached, positions.to(cached.dtype)))
-    qpos = positions.to(cached.dtype)
+    return _softmax_attention(q, keys, vals, positions.to(cached.dtype), kpos, window, scale)[0]
 
+
+def _softmax_attention(q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, qpos: torch.Tensor,
+                       kpos: torch.Tensor, window: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [T, Hq, D] at positions qpos over keys/vals [L, Hk, D] at kpos: (out [T, Hq, D] in q's dtype, the
+    log-sum-exp of each query's visible scores [T, Hq] in the accumulation dtype)."""
+    t, hq, d = q.shape
+    hk = keys.shape[1]
     allowed = kpos[None, :] <= qpos[:, None]
     if window > 0:
         allowed &= (qpos[:, None] - kpos[None, :]) < window
-    qg = q.float().view(t, hk, hq // hk, d)  # query heads grouped by the KV head they share
+    qg = _acc(q).view(t, hk, hq // hk, d)  # query heads grouped by the KV head they share
     scores = torch.einsum("tkgd,lkd->kgtl", qg, keys) * scale
     scores = scores.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # [Hk, G, T]
     probs = torch.softmax(scores, dim=-1)
     out = torch.einsum("kgtl,lkd->tkgd", probs, vals)
-    return out.reshape(t, hq, d).to(q.dtype)
+    return out.reshape(t, hq, d).to(q.dtype), lse.reshape(hq, t).t()
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
+                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training attention: q [B, T, Hq, D], k/v [B, T, Hk, D], each batch row a sequence from position 0 and no
+    cache (the same visibility as attention()). Returns (out [B, T, Hq, D], lse [B, T, Hq] fp32)."""
+    pos = torch.arange(q.shape[1], device=q.device)
+    outs, lses = zip(*(_softmax_attention(q[b], _acc(k[b]), _acc(v[b]), pos, pos, window, scale)
+                       for b in range(q.shape[0])))
+    lse = torch.stack(lses)
+    return torch.stack(outs), lse if lse.dtype == torch.float64 else lse.float()
+
+
+def gelu_tanh_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """The gated MLP's activation on the fused gate|up projection [..., 2I]: gelu_tanh(gate) * up [..., I]."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
@@ -116,16 +149,34 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = 
     return F.linear(x, (weight.float() * scales[:, None]).to(x.dtype))
 
 
+def softmax_cross_entropy_(logits: torch.Tensor, targets: torch.Tensor, grad_scale: float,
+                           ignore_index: int) -> torch.Tensor:
+    """The loss of fp32 logit rows [N, V] against targets [N], in place: each row becomes its gradient
+    (softmax - one_hot(target)) * grad_scale, zero where the target is ignore_index. Returns the per-row losses
+    logsumexp - logit[target] [N] (0 for ignored rows)."""
+    keep = targets != ignore_index
+    safe = torch.where(keep, targets, 0)
+    lse = torch.logsumexp(logits, dim=-1)
+    losses = torch.where(keep, lse - logits.gather(1, safe[:, None])[:, 0], 0.0)
+    grad = torch.softmax(logits, dim=-1)
+    grad[torch.arange(len(targets), device=logits.device), safe] -= 1.0
+    logits.copy_(grad * grad_scale * keep[:, None])
+    return losses
+
+
 def argmax(x: torch.Tensor) -> torch.Tensor:
     """Index of the largest value along the last dim: the first among equals, NaN above everything."""
     return torch.argmax(x, dim=-1)
 
 
-def decoder_layer(h: torch.Tensor, y: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                  k_cache: torch.Tensor, v_cache: torch.Tensor, weights: list[torch.Tensor],
-                  scales: list[torch.Tensor | None], norms: list[torch.Tensor], num_heads: int, window: int,
-                  scale: float, eps: float, ring: bool, write_cache: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """One Gemma 3 block. h: residual stream [T, hidden]; y: h after this block's input norm.
+def decoder_block(ops, h: torch.Tensor, y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend,
+                  weights: list[torch.Tensor], scales: list[torch.Tensor | None], norms: list[torch.Tensor],
+                  num_heads: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One Gemma 3 block, the composition every path runs: inference (decoder_layer below, over a KV cache) and
+    training (batched, model.Gemma3Model.hidden_states). h: residual stream [..., T, hidden]; y: h after this
+    block's input norm. `ops` provides linear, qk_norm_rope, add_rms_norm and gelu_tanh_mul (this module, or
+    the extension's autograd-capable ops); attend(q, k, v) -> [..., T, Hq, D] is the attention over whatever
+    keys the caller has (cache or batch).
 
     weights = [qkv, o, gate_up, down] (q|k|v and gate|up fused by rows), scales = their int8 per-row scales
     (or None), norms = [q, k, post_attn, pre_ff, post_ff, next]: `next` is the following block's input norm (the
@@ -134,19 +185,30 @@ def decoder_layer(h: torch.Tensor, y: torch.Tensor, positions: torch.Tensor, cos
     w_qkv, w_o, w_gate_up, w_down = weights
     s_qkv, s_o, s_gate_up, s_down = scales
     q_norm, k_norm, post_attn_norm, pre_ff_norm, post_ff_norm, next_norm = norms
-    t, d = y.shape[0], q_norm.shape[0]
-    qkv = linear(y, w_qkv, s_qkv)
+    d = q_norm.shape[0]
+    qkv = ops.linear(y, w_qkv, s_qkv)
     hk = (qkv.shape[-1] // d - num_heads) // 2
     q, k, v = qkv.split((num_heads * d, hk * d, hk * d), dim=-1)
-    q, k = qk_norm_rope(q.view(t, num_heads, d), k.view(t, hk, d), q_norm, k_norm, cos, sin, eps)
-    v = v.reshape(t, hk, d)
-    attn = attention(q, k, v, k_cache, v_cache, positions, window, scale)
-    if write_cache:  # after attention: a chunk longer than the ring still attends to its own keys
-        kv_cache_write(k_cache, v_cache, k, v, positions, ring)
-    h, y = add_rms_norm(linear(attn.reshape(t, num_heads * d), w_o, s_o), h, post_attn_norm, pre_ff_norm, eps)
-    gate, up = linear(y, w_gate_up, s_gate_up).chunk(2, dim=-1)
-    mlp = linear(F.gelu(gate, approximate="tanh") * up, w_down, s_down)
-    return add_rms_norm(mlp, h, post_ff_norm, next_norm, eps)
+    q, k = ops.qk_norm_rope(q.unflatten(-1, (num_heads, d)), k.unflatten(-1, (hk, d)), q_norm, k_norm, cos, sin, eps)
+    attn = attend(q, k, v.unflatten(-1, (hk, d)))
+    h, y = ops.add_rms_norm(ops.linear(attn.flatten(-2), w_o, s_o), h, post_attn_norm, pre_ff_norm, eps)
+    mlp = ops.linear(ops.gelu_tanh_mul(ops.linear(y, w_gate_up, s_gate_up)), w_down, s_down)
+    return ops.add_rms_norm(mlp, h, post_ff_norm, next_norm, eps)
+
+
+def decoder_layer(h: torch.Tensor, y: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, weights: list[torch.Tensor],
+                  scales: list[torch.Tensor | None], norms: list[torch.Tensor], num_heads: int, window: int,
+                  scale: float, eps: float, ring: bool, write_cache: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """decoder_block on one sequence (h, y [T, hidden]) at `positions`, attending over the KV cache."""
+
+    def attend(q, k, v):
+        out = attention(q, k, v, k_cache, v_cache, positions, window, scale)
+        if write_cache:  # after attention: a chunk longer than the ring still attends to its own keys
+            kv_cache_write(k_cache, v_cache, k, v, positions, ring)
+        return out
+
+    return decoder_block(_THIS, h, y, cos, sin, attend, weights, scales, norms, num_heads, eps)
 
 
 def decoder_layers(h: torch.Tensor, y: torch.Tensor, positions: torch.Tensor, rope: list[torch.Tensor],

@@ -261,7 +261,7 @@ constexpr int64_t kQueryBlock = 32, kKeyBlock = 128;
 template <typename T>
 void attention_prefill_kernel(const T* q, const T* k, const T* v, const T* kc, const T* vc, T* out, int64_t t,
                               int64_t hq, int64_t hk, int64_t d, int64_t slots, int64_t start, int64_t window,
-                              float scale) {
+                              float scale, float* lse = nullptr) {
   auto blob = [](float* p, int64_t r, int64_t c) { return at::from_blob(p, {r, c}, at::kFloat); };
   const int64_t g = hq / hk;
   const int64_t lo0 = window > 0 ? std::max<int64_t>(0, start - window + 1) : 0;
@@ -329,6 +329,7 @@ void attention_prefill_kernel(const T* q, const T* k, const T* v, const T* kc, c
           T* orow = out + ((t0 + r / g) * hq + gi * g + r % g) * d;
           const float inv = 1.f / l[r];
           for (int64_t x = 0; x < d; ++x) orow[x] = vec::from_f32<T>(acc[r * d + x] * inv);
+          if (lse != nullptr) lse[(t0 + r / g) * hq + gi * g + r % g] = m[r] + std::log(l[r]);  // for the backward
         }
       }
     });
@@ -343,14 +344,63 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Ten
   at::Tensor out = at::empty_like(q);
   dispatch_float_bf16(q.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    auto kernel = q.size(0) >= kPrefillMinTokens ? attention_prefill_kernel<T> : attention_kernel<T>;
-    kernel(q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), k_cache.data_ptr<T>(), v_cache.data_ptr<T>(),
-           out.data_ptr<T>(), q.size(0), q.size(1), k.size(1), q.size(2), k_cache.size(0), start, window,
-           static_cast<float>(scale));
+    auto kernel = [&](auto f) {
+      f(q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), k_cache.data_ptr<T>(), v_cache.data_ptr<T>(),
+        out.data_ptr<T>(), q.size(0), q.size(1), k.size(1), q.size(2), k_cache.size(0), start, window,
+        static_cast<float>(scale));
+    };
+    if (q.size(0) >= kPrefillMinTokens) {
+      kernel([](auto... a) { attention_prefill_kernel<T>(a...); });
+    } else {
+      kernel(attention_kernel<T>);
+    }
   });
   return out;
 }
 
-TORCH_LIBRARY_IMPL(gemma3_fast, CPU, m) { m.impl("attention", &attention_cpu); }
+void check_causal_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t window) {
+  check_float_tensor(q, "q");
+  check_dim(q, 4, "q", "[batch, tokens, q_heads, head_dim]");
+  check_dim(k, 4, "k", "[batch, tokens, kv_heads, head_dim]");
+  check_dim(v, 4, "v", "[batch, tokens, kv_heads, head_dim]");
+  for (const auto& [t, name] : {std::pair{&q, "q"}, std::pair{&k, "k"}, std::pair{&v, "v"}}) {
+    check_contiguous(*t, name);
+    check_same_dtype(*t, q, name, "q");
+    check_same_device(*t, q, name);
+  }
+  TORCH_CHECK(k.sizes() == v.sizes(), "gemma3_fast: k has shape ", k.sizes(), " but v has ", v.sizes());
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3), "gemma3_fast: k has shape ",
+              k.sizes(), " but q has ", q.sizes(), " (batch, tokens and head_dim must match)");
+  TORCH_CHECK(k.size(2) > 0 && q.size(2) % k.size(2) == 0, "gemma3_fast: q_heads (", q.size(2),
+              ") must be a multiple of kv_heads (", k.size(2), ")");
+  TORCH_CHECK(q.size(1) > 0, "gemma3_fast: attention needs at least one token");
+  TORCH_CHECK(window >= 0, "gemma3_fast: window must be >= 0 (0 = global attention), got ", window);
+}
+
+// Training attention: each batch row a sequence from position 0, no cache. The prefill kernel per row, which also
+// writes each query's log-sum-exp (lse [batch, tokens, q_heads], fp32) for the backward to rebuild the
+// probabilities from.
+std::tuple<at::Tensor, at::Tensor> causal_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                        int64_t window, double scale) {
+  check_causal_attention_args(q, k, v, window);
+  const int64_t b = q.size(0), t = q.size(1), hq = q.size(2), hk = k.size(2), d = q.size(3);
+  at::Tensor out = at::empty_like(q);
+  at::Tensor lse = at::empty({b, t, hq}, q.options().dtype(at::kFloat));
+  dispatch_float_bf16(q.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    for (int64_t i = 0; i < b; ++i) {
+      const T *kp = k.data_ptr<T>() + i * t * hk * d, *vp = v.data_ptr<T>() + i * t * hk * d;
+      attention_prefill_kernel<T>(q.data_ptr<T>() + i * t * hq * d, kp, vp, kp, vp, out.data_ptr<T>() + i * t * hq * d,
+                                  t, hq, hk, d, 1, 0, window, static_cast<float>(scale),
+                                  lse.data_ptr<float>() + i * t * hq);
+    }
+  });
+  return {out, lse};
+}
+
+TORCH_LIBRARY_IMPL(gemma3_fast, CPU, m) {
+  m.impl("attention", &attention_cpu);
+  m.impl("causal_attention", &causal_attention_cpu);
+}
 
 }  // namespace gemma3_fast

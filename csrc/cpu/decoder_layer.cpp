@@ -15,27 +15,6 @@ namespace {
 const char* const kWeightNames[] = {"weights[0] (qkv_proj)", "weights[1] (o_proj)", "weights[2] (gate_up_proj)",
                                     "weights[3] (down_proj)"};
 
-// gate_up [T, 2I] -> gelu_tanh(gate) * up [T, I], in one fp32 pass (at::gelu then mul_ took two passes, and
-// rounded to bf16 in between).
-at::Tensor gelu_tanh_mul(const at::Tensor& gate_up) {
-  const int64_t t = gate_up.size(0), inter = gate_up.size(1) / 2;
-  at::Tensor act = at::empty({t, inter}, gate_up.options());
-  constexpr int64_t kChunk = 512;  // elements per task: a decode row splits across both cores only when long
-  const int64_t chunks = (inter + kChunk - 1) / kChunk;
-  dispatch_float_bf16(gate_up.scalar_type(), [&](auto tag) {
-    using T = decltype(tag);
-    const T* in = gate_up.data_ptr<T>();
-    T* out = act.data_ptr<T>();
-    at::parallel_for(0, t * chunks, t * chunks >= 8 ? 1 : t * chunks, [&](int64_t b, int64_t e) {
-      for (int64_t task = b; task < e; ++task) {
-        const int64_t row = task / chunks, i0 = (task % chunks) * kChunk, n = std::min(kChunk, inter - i0);
-        vec::gelu_tanh_mul(out + row * inter + i0, in + row * 2 * inter + i0, in + row * 2 * inter + inter + i0, n);
-      }
-    });
-  });
-  return act;
-}
-
 // Columns [col, col + heads * d) of the [t, cols] matrix m as a [t, heads, d] view, made without the dispatcher:
 // at decode, narrow + view + contiguous cost ~5 us per block (their code and data evicted between steps). The
 // view does not own m's memory: m must outlive it, as it does in the blocks below.
@@ -56,7 +35,7 @@ std::tuple<at::Tensor, at::Tensor> block_after_attention(const at::Tensor& attn,
                                   weights[1], scales.get(1));
   const auto [h1, y1] = add_rms_norm_cpu(o, h, norms[2], norms[3], eps);
   const at::Tensor gate_up = linear_cpu(y1, weights[2], scales.get(2));
-  const at::Tensor act = gelu_tanh_mul(gate_up);
+  const at::Tensor act = gelu_tanh_mul_cpu(gate_up);
   const at::Tensor mlp = linear_cpu(act, weights[3], scales.get(3));
   return add_rms_norm_cpu(mlp, h1, norms[4], norms[5], eps);
 }

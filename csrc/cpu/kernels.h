@@ -24,6 +24,8 @@ void kv_cache_write_cpu(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tens
                         const at::Tensor& positions, bool ring);
 at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
                          const at::Tensor& v_cache, const at::Tensor& positions, int64_t window, double scale);
+// gate_up [..., 2I] -> gelu_tanh(gate) * up [..., I] in one fp32 pass, rounded once.
+at::Tensor gelu_tanh_mul_cpu(const at::Tensor& gate_up);
 at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& scales);
 at::Tensor argmax_cpu(const at::Tensor& x);
 // argmax_cpu(linear_cpu(x, weight, scales)) of one token x [1, K] (or [K]), found while the logits are written.

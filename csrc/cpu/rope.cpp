@@ -2,6 +2,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <tuple>
 #include <vector>
 
 #include "../checks.h"
@@ -26,17 +27,35 @@ void norm_rope_row(T* out, const T* x, const T* w, const float* cos, const float
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> qk_norm_rope_cpu(const at::Tensor& q, const at::Tensor& k,
-                                                    const at::Tensor& q_weight, const at::Tensor& k_weight,
-                                                    const at::Tensor& cos, const at::Tensor& sin, double eps) {
+namespace {
+
+// q or k as rows of head_dim: [T, H, D] (one sequence) or [B, T, H, D] (a training batch, every row from
+// position 0: the cos/sin row of token (b, t) is t). Any strides except along head_dim.
+struct HeadRows {
+  HeadRows(const at::Tensor& x) : batched(x.dim() == 4) {
+    b = batched ? x.size(0) : 1;
+    t = x.size(-3), h = x.size(-2), d = x.size(-1);
+    sb = batched ? x.stride(0) : 0, st = x.stride(-3), sh = x.stride(-2);
+  }
+  int64_t rows() const { return b * t * h; }
+  int64_t token(int64_t row) const { return (row / h) % t; }  // index into cos/sin
+  int64_t offset(int64_t row) const { return (row / (h * t)) * sb + token(row) * st + (row % h) * sh; }
+  bool batched;
+  int64_t b, t, h, d, sb, st, sh;
+};
+
+void check_qk_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_weight, const at::Tensor& k_weight,
+                   const at::Tensor& cos, const at::Tensor& sin, double eps) {
   check_float_tensor(q, "q");
-  check_dim(q, 3, "q", "[tokens, q_heads, head_dim]");
-  check_dim(k, 3, "k", "[tokens, kv_heads, head_dim]");
-  const int64_t t = q.size(0), hq = q.size(1), hk = k.size(1), d = q.size(2);
+  TORCH_CHECK(q.dim() == 3 || q.dim() == 4, "gemma3_fast: q must be 3-D [tokens, q_heads, head_dim] or 4-D "
+              "[batch, tokens, q_heads, head_dim], got shape ", q.sizes());
+  TORCH_CHECK(k.dim() == q.dim(), "gemma3_fast: k must have as many dims as q (", q.dim(), "), got shape ", k.sizes());
+  const int64_t t = q.size(-3), d = q.size(-1);
   TORCH_CHECK(d % 2 == 0 && d > 0, "gemma3_fast: head_dim must be even and > 0, got ", d);
-  check_shape(k, {t, -1, d}, "k");
+  TORCH_CHECK(k.size(-3) == t && k.size(-1) == d && (q.dim() == 3 || k.size(0) == q.size(0)),
+              "gemma3_fast: k has shape ", k.sizes(), " but q has ", q.sizes(), " (batch, tokens and head_dim must match)");
   check_same_dtype(k, q, "k", "q");
-  TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1, "gemma3_fast: q and k must be contiguous in head_dim");
+  TORCH_CHECK(q.stride(-1) == 1 && k.stride(-1) == 1, "gemma3_fast: q and k must be contiguous in head_dim");
   check_shape(q_weight, {d}, "q_weight");
   check_shape(k_weight, {d}, "k_weight");
   check_same_dtype(q_weight, q, "q_weight", "q");
@@ -51,31 +70,102 @@ std::tuple<at::Tensor, at::Tensor> qk_norm_rope_cpu(const at::Tensor& q, const a
     check_contiguous(*tab, name);
   }
   TORCH_CHECK(eps >= 0, "gemma3_fast: eps must be >= 0, got ", eps);
+}
 
-  at::Tensor q_out = at::empty({t, hq, d}, q.options());
-  at::Tensor k_out = at::empty({t, hk, d}, k.options());
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> qk_norm_rope_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                    const at::Tensor& q_weight, const at::Tensor& k_weight,
+                                                    const at::Tensor& cos, const at::Tensor& sin, double eps) {
+  check_qk_args(q, k, q_weight, k_weight, cos, sin, eps);
+  const HeadRows qr(q), kr(k);
+  const int64_t d = qr.d;
+  at::Tensor q_out = at::empty(q.sizes(), q.options());
+  at::Tensor k_out = at::empty(k.sizes(), k.options());
   dispatch_float_bf16(q.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>();
     const T *qw = q_weight.data_ptr<T>(), *kw = k_weight.data_ptr<T>();
     const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
     T *qo = q_out.data_ptr<T>(), *ko = k_out.data_ptr<T>();
-    const int64_t heads = hq + hk;
-    at::parallel_for(0, t * heads, 16, [&](int64_t b, int64_t e) {
+    const int64_t nq = qr.rows();
+    at::parallel_for(0, nq + kr.rows(), 16, [&](int64_t b, int64_t e) {
       std::vector<float> buf(d);
       for (int64_t item = b; item < e; ++item) {
-        const int64_t ti = item / heads, h = item % heads;
-        const float *c = cp + ti * (d / 2), *s = sp + ti * (d / 2);
-        if (h < hq) {
-          norm_rope_row(qo + (ti * hq + h) * d, qp + ti * q.stride(0) + h * q.stride(1), qw, c, s, d, eps, buf.data());
-        } else {
-          const int64_t g = h - hq;
-          norm_rope_row(ko + (ti * hk + g) * d, kp + ti * k.stride(0) + g * k.stride(1), kw, c, s, d, eps, buf.data());
-        }
+        const bool is_q = item < nq;
+        const HeadRows& rows = is_q ? qr : kr;
+        const int64_t row = is_q ? item : item - nq, ti = rows.token(row);
+        norm_rope_row((is_q ? qo : ko) + row * d, (is_q ? qp : kp) + rows.offset(row), is_q ? qw : kw,
+                      cp + ti * (d / 2), sp + ti * (d / 2), d, eps, buf.data());
       }
     });
   });
   return {q_out, k_out};
+}
+
+// Backward of one row: undo the rotation (the transpose of RoPE's), then RMSNorm's backward.
+//   rope: o1 = n1 c - n2 s, o2 = n2 c + n1 s  =>  dn1 = g1 c + g2 s, dn2 = g2 c - g1 s
+//   norm: n = x r (1 + w): dx = r dn (1 + w) - x r^3 mean(dn (1 + w) x), dw += dn x r
+template <typename T>
+void norm_rope_backward_row(T* dx, const T* g, const T* x, const T* w, const float* cos, const float* sin,
+                            float* dw_acc, int64_t d, double eps, float* buf) {
+  const int64_t half = d / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    const float g1 = vec::to_f32(g[i]), g2 = vec::to_f32(g[i + half]);
+    buf[i] = g1 * cos[i] + g2 * sin[i];
+    buf[i + half] = g2 * cos[i] - g1 * sin[i];
+  }
+  const float r = 1.f / std::sqrt(vec::sum_squares(x, d) / static_cast<float>(d) + static_cast<float>(eps));
+  float dot = 0.f;
+  for (int64_t i = 0; i < d; ++i) {
+    const float xv = vec::to_f32(x[i]);
+    dw_acc[i] += buf[i] * xv * r;
+    buf[i] *= 1.f + vec::to_f32(w[i]);
+    dot += buf[i] * xv;
+  }
+  const float coef = dot * r * r * r / static_cast<float>(d);
+  for (int64_t i = 0; i < d; ++i) dx[i] = vec::from_f32<T>(r * buf[i] - coef * vec::to_f32(x[i]));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_backward_cpu(
+    const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& q_weight, const at::Tensor& k_weight, const at::Tensor& cos, const at::Tensor& sin, double eps) {
+  check_qk_args(q, k, q_weight, k_weight, cos, sin, eps);
+  for (const auto& [g, x, name] : {std::tuple{&grad_q, &q, "grad_q"}, std::tuple{&grad_k, &k, "grad_k"}}) {
+    TORCH_CHECK(g->sizes() == x->sizes(), "gemma3_fast: ", name, " has shape ", g->sizes(), ", expected ", x->sizes());
+    check_same_dtype(*g, *x, name, "q");
+  }
+  const at::Tensor gq = grad_q.contiguous(), gk = grad_k.contiguous();
+  const HeadRows qr(q), kr(k);
+  const int64_t d = qr.d, nq = qr.rows(), threads = at::get_num_threads();
+  at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options());
+  std::vector<float> dw(threads * 2 * d, 0.f);  // per thread: d q_weight, d k_weight
+  dispatch_float_bf16(q.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *gqp = gq.data_ptr<T>(), *gkp = gk.data_ptr<T>();
+    const T *qw = q_weight.data_ptr<T>(), *kw = k_weight.data_ptr<T>();
+    const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
+    T *dqp = dq.data_ptr<T>(), *dkp = dk.data_ptr<T>();
+    at::parallel_for(0, nq + kr.rows(), 16, [&](int64_t b, int64_t e) {
+      std::vector<float> buf(d);
+      float* acc = dw.data() + at::get_thread_num() * 2 * d;
+      for (int64_t item = b; item < e; ++item) {
+        const bool is_q = item < nq;
+        const HeadRows& rows = is_q ? qr : kr;
+        const int64_t row = is_q ? item : item - nq, ti = rows.token(row);
+        norm_rope_backward_row((is_q ? dqp : dkp) + row * d, (is_q ? gqp : gkp) + row * d,
+                               (is_q ? qp : kp) + rows.offset(row), is_q ? qw : kw, cp + ti * (d / 2),
+                               sp + ti * (d / 2), acc + (is_q ? 0 : d), d, eps, buf.data());
+      }
+    });
+  });
+  at::Tensor dqw = at::zeros({d}, q.options().dtype(at::kFloat)), dkw = at::zeros({d}, q.options().dtype(at::kFloat));
+  for (int64_t t = 0; t < threads; ++t)
+    for (int64_t i = 0; i < d; ++i) {
+      dqw.data_ptr<float>()[i] += dw[t * 2 * d + i];
+      dkw.data_ptr<float>()[i] += dw[t * 2 * d + d + i];
+    }
+  return {dq, dk, dqw.to(q_weight.scalar_type()), dkw.to(k_weight.scalar_type())};
 }
 
 at::Tensor norm_rope_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& cos, const at::Tensor& sin,
@@ -110,6 +200,9 @@ at::Tensor norm_rope_cpu(const at::Tensor& x, const at::Tensor& weight, const at
   return out;
 }
 
-TORCH_LIBRARY_IMPL(gemma3_fast, CPU, m) { m.impl("qk_norm_rope", &qk_norm_rope_cpu); }
+TORCH_LIBRARY_IMPL(gemma3_fast, CPU, m) {
+  m.impl("qk_norm_rope", &qk_norm_rope_cpu);
+  m.impl("qk_norm_rope_backward", &qk_norm_rope_backward_cpu);
+}
 
 }  // namespace gemma3_fast

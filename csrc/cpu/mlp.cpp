@@ -1,0 +1,114 @@
+// The gated MLP's activation, gelu_tanh(gate) * up, on the fused gate|up projection output, and its backward.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "../checks.h"
+#include "kernels.h"
+#include "vec.h"
+
+namespace gemma3_fast {
+namespace {
+
+constexpr int64_t kChunk = 512;  // elements per task: a decode row splits across both cores only when long
+
+void check_gate_up(const at::Tensor& gate_up, const char* name) {
+  check_float_tensor(gate_up, name);
+  TORCH_CHECK(gate_up.dim() >= 1 && gate_up.size(-1) % 2 == 0 && gate_up.size(-1) > 0, "gemma3_fast: ", name,
+              " must end in an even, non-empty dimension (gate | up), got shape ", gate_up.sizes());
+}
+
+// Runs f(row, i0, n) over every row of [rows, inter] in chunks of kChunk.
+template <typename F>
+void for_chunks(int64_t rows, int64_t inter, const F& f) {
+  const int64_t chunks = (inter + kChunk - 1) / kChunk;
+  at::parallel_for(0, rows * chunks, rows * chunks >= 8 ? 1 : rows * chunks, [&](int64_t b, int64_t e) {
+    for (int64_t task = b; task < e; ++task) {
+      const int64_t row = task / chunks, i0 = (task % chunks) * kChunk;
+      f(row, i0, std::min(kChunk, inter - i0));
+    }
+  });
+}
+
+// d gate = g u gelu'(x), d up = g gelu(x) with gelu(x) = 0.5 x (1 + t), t = tanh(c (x + a x^3)),
+// gelu'(x) = 0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 a x^2). tanh(z) = 1 - 2 / (1 + e^(2z)).
+template <typename T>
+void gelu_tanh_mul_backward_row(T* dgate, T* dup, const T* grad, const T* gate, const T* up, int64_t n) {
+  constexpr float kC = 0.7978845608028654f, kA = 0.044715f;
+  int64_t i = 0;
+#ifdef GEMMA3_AVX2
+  const __m256 c = _mm256_set1_ps(kC), a = _mm256_set1_ps(kA), a3 = _mm256_set1_ps(3.f * kA),
+               one = _mm256_set1_ps(1.f), two = _mm256_set1_ps(2.f), half = _mm256_set1_ps(0.5f);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 x = vec::load8(gate + i), u = vec::load8(up + i), g = vec::load8(grad + i);
+    const __m256 x2 = _mm256_mul_ps(x, x);
+    const __m256 z = _mm256_mul_ps(c, _mm256_fmadd_ps(_mm256_mul_ps(a, x), x2, x));
+    const __m256 t = _mm256_sub_ps(one, _mm256_div_ps(two, _mm256_add_ps(one, vec::exp8(_mm256_add_ps(z, z)))));
+    const __m256 gelu = _mm256_mul_ps(_mm256_mul_ps(half, x), _mm256_add_ps(one, t));
+    const __m256 dz = _mm256_mul_ps(c, _mm256_fmadd_ps(a3, x2, one));
+    const __m256 sech2 = _mm256_fnmadd_ps(t, t, one);
+    const __m256 dgelu = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_mul_ps(half, x), sech2), dz,
+                                         _mm256_mul_ps(half, _mm256_add_ps(one, t)));
+    vec::store8(dgate + i, _mm256_mul_ps(_mm256_mul_ps(g, u), dgelu));
+    vec::store8(dup + i, _mm256_mul_ps(g, gelu));
+  }
+#endif
+  for (; i < n; ++i) {
+    const float x = vec::to_f32(gate[i]), u = vec::to_f32(up[i]), g = vec::to_f32(grad[i]);
+    const float t = std::tanh(kC * (x + kA * x * x * x));
+    const float dgelu = 0.5f * (1.f + t) + 0.5f * x * (1.f - t * t) * kC * (1.f + 3.f * kA * x * x);
+    dgate[i] = vec::from_f32<T>(g * u * dgelu);
+    dup[i] = vec::from_f32<T>(g * 0.5f * x * (1.f + t));
+  }
+}
+
+}  // namespace
+
+at::Tensor gelu_tanh_mul_cpu(const at::Tensor& gate_up) {
+  check_gate_up(gate_up, "gate_up");
+  const at::Tensor in = gate_up.contiguous();
+  const int64_t inter = in.size(-1) / 2, rows = in.numel() / (2 * inter);
+  std::vector<int64_t> shape(in.sizes().begin(), in.sizes().end());
+  shape.back() = inter;
+  at::Tensor act = at::empty(shape, in.options());
+  dispatch_float_bf16(in.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* ip = in.data_ptr<T>();
+    T* op = act.data_ptr<T>();
+    for_chunks(rows, inter, [&](int64_t row, int64_t i0, int64_t n) {
+      const T* r = ip + row * 2 * inter;
+      vec::gelu_tanh_mul(op + row * inter + i0, r + i0, r + inter + i0, n);
+    });
+  });
+  return act;
+}
+
+at::Tensor gelu_tanh_mul_backward_cpu(const at::Tensor& grad, const at::Tensor& gate_up) {
+  check_gate_up(gate_up, "gate_up");
+  const at::Tensor in = gate_up.contiguous();
+  const int64_t inter = in.size(-1) / 2, rows = in.numel() / (2 * inter);
+  std::vector<int64_t> shape(in.sizes().begin(), in.sizes().end());
+  shape.back() = inter;
+  TORCH_CHECK(grad.sizes() == at::IntArrayRef(shape), "gemma3_fast: grad has shape ", grad.sizes(), ", expected ",
+              at::IntArrayRef(shape), " (gate_up with its last dim halved)");
+  check_same_dtype(grad, in, "grad", "gate_up");
+  const at::Tensor g = grad.contiguous();
+  at::Tensor d = at::empty_like(in);
+  dispatch_float_bf16(in.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T *ip = in.data_ptr<T>(), *gp = g.data_ptr<T>();
+    T* dp = d.data_ptr<T>();
+    for_chunks(rows, inter, [&](int64_t row, int64_t i0, int64_t n) {
+      const T* r = ip + row * 2 * inter;
+      T* dr = dp + row * 2 * inter;
+      gelu_tanh_mul_backward_row(dr + i0, dr + inter + i0, gp + row * inter + i0, r + i0, r + inter + i0, n);
+    });
+  });
+  return d;
+}
+
+TORCH_LIBRARY_IMPL(gemma3_fast, CPU, m) {
+  m.impl("gelu_tanh_mul", &gelu_tanh_mul_cpu);
+  m.impl("gelu_tanh_mul_backward", &gelu_tanh_mul_backward_cpu);
+}
+
+}  // namespace gemma3_fast
