@@ -16,12 +16,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt text, or '-' to read it from stdin")
     p.add_argument("--max-new-tokens", "--max_tokens", "--max-tokens", dest="max_new_tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-k", "--top_k", dest="top_k", type=int, default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=1.0, help="in (0, 1]; 1 = off")
     p.add_argument("--min-p", type=float, default=0.0, help="in [0, 1); 0 = off")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (reproducible output)")
-    p.add_argument("--model", default=None, help="Hugging Face folder or .gguf file (default: Gemma 3 270M)")
+    p.add_argument("--model", "--model_path", "--model-path", dest="model", default=None,
+                   help="Hugging Face folder (e.g. a gemma3_fast.train output) or .gguf file (default: Gemma 3 270M)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="float16 is refused: Gemma 3 overflows it")

@@ -139,6 +139,27 @@ def build_model(config: Gemma3Config, get_tensor: Callable[[str], torch.Tensor],
     return model.eval().requires_grad_(False)
 
 
+def hf_state_dict(model: Gemma3Model) -> dict[str, torch.Tensor]:
+    """The model's weights under Hugging Face names (build_model's inverse): q|k|v and gate|up split again, the
+    tied head left out. Tensors are contiguous views or copies of the parameters, in their dtype."""
+    c = model.config
+    if model.lm_head.scales is not None:
+        raise ValueError("an int8-quantized model has no Hugging Face form: save it before quantizing")
+    d, hq, hk = c.head_dim, c.num_attention_heads, c.num_key_value_heads
+    out = {"model.embed_tokens.weight": model.embed_tokens.weight, "model.norm.weight": model.final_norm}
+    for i, block in enumerate(model.layers):
+        p = f"model.layers.{i}."
+        q, k, v = block.qkv_proj.weight.split((hq * d, hk * d, hk * d))
+        gate, up = block.gate_up_proj.weight.chunk(2)
+        out.update({p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
+                    p + "self_attn.v_proj.weight": v, p + "self_attn.o_proj.weight": block.o_proj.weight,
+                    p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
+                    p + "mlp.down_proj.weight": block.down_proj.weight})
+        for suffix, ours in _BLOCK_NORMS.items():
+            out[p + suffix] = getattr(block, ours)
+    return {name: t.detach().contiguous() for name, t in out.items()}
+
+
 def open_safetensors_folder(folder: Path):
     """(names, get_tensor) over model.safetensors or a sharded checkpoint with its index."""
     from safetensors import safe_open

@@ -3,13 +3,12 @@
 // log-sum-exp rows, P = exp(scale q.k - lse), and with D_i = sum(dO_i * O_i):
 //   dV = P^T dO,  dP = dO V^T,  dS = P * (dP - D),  dQ = scale dS K,  dK = scale dS^T Q.
 // Work item: one block of keys of one (batch row, KV head), with every query (of the G heads that share the KV
-// head) that sees it; so dK and dV rows have one writer. dQ rows collect from several key blocks: each thread
-// sums into its own fp32 copy, added up at the end. Scores and products are GEMMs (at::mm on one thread).
+// head) that sees it; so dK and dV rows have one writer. dQ rows collect from several key blocks: each of a
+// fixed set of slots (one per thread) sums into its own fp32 copy, added up at the end in slot order. Scores and products are GEMMs (at::mm on one thread).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <atomic>
 #include <limits>
 #include <vector>
 
@@ -45,14 +44,16 @@ void causal_attention_backward_kernel(const T* gout, const T* q, const T* k, con
         }
       }
     });
-    std::vector<float> dq_acc(threads * nrows * d, 0.f);
-    const int64_t nkb = (t + kKeyBlock - 1) / kKeyBlock;
-    std::atomic<int64_t> next{0};  // earlier key blocks are seen by more queries: they go first
-    at::parallel_for(0, std::min(threads, nkb), 1, [&](int64_t, int64_t) {
+    // Key block kb goes to slot kb % slots, each slot summing its dQ in its own copy: a fixed assignment (not a
+    // shared counter), so the order of every sum, and so the gradients, are the same from run to run.
+    const int64_t nkb = (t + kKeyBlock - 1) / kKeyBlock, slots = std::min(threads, nkb);
+    std::vector<float> dq_acc(slots * nrows * d, 0.f);
+    at::parallel_for(0, slots, 1, [&](int64_t s0, int64_t s1) {
       const int64_t rows_max = kQueryBlock * g;
       std::vector<float> p(rows_max * kKeyBlock), dp(rows_max * kKeyBlock), dkb(kKeyBlock * d), dvb(kKeyBlock * d);
-      float* dq_mine = dq_acc.data() + at::get_thread_num() * nrows * d;
-      for (int64_t kb; (kb = next.fetch_add(1, std::memory_order_relaxed)) < nkb;) {
+      for (int64_t slot = s0; slot < s1; ++slot)
+      for (int64_t kb = slot; kb < nkb; kb += slots) {
+        float* dq_mine = dq_acc.data() + slot * nrows * d;
         const int64_t j0 = kb * kKeyBlock, nb = std::min(kKeyBlock, t - j0), j_last = j0 + nb - 1;
         const int64_t i_end = window > 0 ? std::min(t, j_last + window) : t;  // queries j0 .. i_end - 1 see a key
         std::fill(dkb.begin(), dkb.begin() + nb * d, 0.f);
@@ -89,7 +90,7 @@ void causal_attention_backward_kernel(const T* gout, const T* q, const T* k, con
       std::vector<float> row(d);
       for (int64_t r = b; r < e; ++r) {
         std::fill(row.begin(), row.end(), 0.f);
-        for (int64_t th = 0; th < threads; ++th) vec::axpy(row.data(), scale, dq_acc.data() + (th * nrows + r) * d, d);
+        for (int64_t sl = 0; sl < slots; ++sl) vec::axpy(row.data(), scale, dq_acc.data() + (sl * nrows + r) * d, d);
         vec::convert(dq + ((r / g) * hq + gi * g + r % g) * d, row.data(), d);
       }
     });
