@@ -278,6 +278,7 @@ def train(a: argparse.Namespace) -> dict:
         for key in RESUME_OVERRIDES:
             if getattr(a, key) is not None:
                 saved[key] = getattr(a, key)
+        saved["stop_after"] = a.stop_after  # for this invocation only
         a = argparse.Namespace(**{**saved, "resume": True, "out": str(out)})
     check_args(a)
     check_out_dir(out)
