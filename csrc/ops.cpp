@@ -64,7 +64,8 @@ TORCH_LIBRARY(gemma3_fast, m) {
   // q/k as given to qk_norm_rope ([T,H,D] or [B,T,H,D]). Returns (grad_q, grad_k, grad_q_weight, grad_k_weight).
   m.def("qk_norm_rope_backward(Tensor grad_q, Tensor grad_k, Tensor q, Tensor k, Tensor q_weight, Tensor k_weight, "
         "Tensor cos, Tensor sin, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
-  // The training loss on a chunk of fp32 logit rows [N, V], in place: each row becomes (softmax - one_hot(target))
-  // * grad_scale (zero where target == ignore_index). Returns the rows' losses lse - logit[target] [N] (0 if ignored).
-  m.def("softmax_cross_entropy_(Tensor(a!) logits, Tensor targets, float grad_scale, int ignore_index) -> Tensor");
+  // The training loss on a chunk of fp32 logits, transposed: logits_t [V, N], column n is token n's logits. In
+  // place, each column becomes (softmax - one_hot(target)) * grad_scale (zero where target == ignore_index).
+  // Returns the tokens' losses lse - logit[target] [N] (0 if ignored).
+  m.def("softmax_cross_entropy_(Tensor(a!) logits_t, Tensor targets, float grad_scale, int ignore_index) -> Tensor");
 }

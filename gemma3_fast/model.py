@@ -15,7 +15,7 @@ from torch import nn
 from . import ops as ops_module
 from .config import Gemma3Config
 from .kv_cache import KVCache
-from .loss import IGNORE_INDEX, chunked_cross_entropy
+from .loss import IGNORE_INDEX, TiedWeightGrad, chunked_cross_entropy, tied_embedding
 from .reference_ops import decoder_block, rope_cos_sin, rope_inv_freq
 
 
@@ -167,8 +167,8 @@ class Gemma3Model(nn.Module):
             cache is not None, all_logits)
 
     # -- training ------------------------------------------------------------------------------------
-    def hidden_states(self, input_ids: torch.Tensor, ops=None,
-                      compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor, ops=None, compute_dtype: torch.dtype | None = None,
+                      tied: TiedWeightGrad | None = None) -> torch.Tensor:
         """The training forward: ids [B, T], every row a sequence from position 0, no cache. Returns the last
         block's output with the final norm applied, [B, T, hidden], differentiable. The blocks are
         reference_ops.decoder_block, the composition decoder_forward runs, here with `ops` (default:
@@ -186,7 +186,7 @@ class Gemma3Model(nn.Module):
         positions = torch.arange(input_ids.shape[1], device=self.device)
         tables = {theta: rope_cos_sin(positions, inv) for theta, inv in
                   (("local", self.inv_freq_local), ("global", self.inv_freq_global))}
-        h = (F.embedding(input_ids, self.embed_tokens.weight) * self.embed_scale()).to(dtype)
+        h = (tied_embedding(input_ids, self.embed_tokens.weight, tied or TiedWeightGrad()) * self.embed_scale()).to(dtype)
         layers = list(self.layers)
         y = ops.rms_norm(h, layers[0].input_norm, c.rms_norm_eps)
         for i, block in enumerate(layers):
@@ -209,8 +209,9 @@ class Gemma3Model(nn.Module):
         if self.lm_head.scales is not None:
             raise ValueError("an int8-quantized model cannot be trained: load it without --quantize")
         ops = ops or ops_module.training_ops(self.backend, self.device)
-        y = self.hidden_states(input_ids, ops, compute_dtype)
-        return chunked_cross_entropy(y.flatten(0, 1), self.lm_head.weight, targets.flatten(), ops, IGNORE_INDEX)
+        tied = TiedWeightGrad() if self.lm_head.weight is self.embed_tokens.weight else None
+        y = self.hidden_states(input_ids, ops, compute_dtype, tied)
+        return chunked_cross_entropy(y.flatten(0, 1), self.lm_head.weight, targets.flatten(), ops, IGNORE_INDEX, tied)
 
     def _block_plan(self) -> _BlockPlan:
         plan = self.__dict__.get("_plan")

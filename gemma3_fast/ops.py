@@ -87,8 +87,8 @@ if EXTENSION_AVAILABLE:
         return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
     @torch.library.register_fake(_lib + "softmax_cross_entropy_")
-    def _(logits, targets, grad_scale, ignore_index):
-        return logits.new_empty(logits.shape[:1])
+    def _(logits_t, targets, grad_scale, ignore_index):
+        return logits_t.new_empty(logits_t.shape[1:])
 
     @torch.library.register_fake(_lib + "rms_norm_backward")
     def _(grad, x, weight, eps):

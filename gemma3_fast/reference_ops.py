@@ -149,11 +149,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = 
     return F.linear(x, (weight.float() * scales[:, None]).to(x.dtype))
 
 
-def softmax_cross_entropy_(logits: torch.Tensor, targets: torch.Tensor, grad_scale: float,
+def softmax_cross_entropy_(logits_t: torch.Tensor, targets: torch.Tensor, grad_scale: float,
                            ignore_index: int) -> torch.Tensor:
-    """The loss of fp32 logit rows [N, V] against targets [N], in place: each row becomes its gradient
-    (softmax - one_hot(target)) * grad_scale, zero where the target is ignore_index. Returns the per-row losses
-    logsumexp - logit[target] [N] (0 for ignored rows)."""
+    """The loss of fp32 logits given transposed, logits_t [V, N] (column n: token n), against targets [N], in
+    place: each column becomes its gradient (softmax - one_hot(target)) * grad_scale, zero where the target is
+    ignore_index. Returns the per-token losses logsumexp - logit[target] [N] (0 for ignored tokens)."""
+    logits = logits_t.t()
     keep = targets != ignore_index
     safe = torch.where(keep, targets, 0)
     lse = torch.logsumexp(logits, dim=-1)

@@ -160,7 +160,7 @@ def init_weights(model: Gemma3Model, seed: int) -> None:
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+                p.normal_(0.0, 0.02, generator=g)
             else:
                 p.zero_()
 
@@ -221,7 +221,9 @@ def make_optimizer(model: Gemma3Model, a) -> torch.optim.AdamW:
     for name, p in model.named_parameters():  # the tied head is the embedding: listed once
         (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": a.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=a.lr, betas=(0.9, 0.95), eps=1e-8, foreach=True)
+    # fused: one pass over each parameter's four tensors; foreach kept parameter-sized temporaries (~1 GB for the
+    # 270M) and took longer.
+    return torch.optim.AdamW(groups, lr=a.lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
 
 
 def check_out_dir(out: Path) -> None:

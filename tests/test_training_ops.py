@@ -159,20 +159,25 @@ def test_causal_attention_backward_threads_agree(threads):
 
 # -- loss ----------------------------------------------------------------------------------------------
 def test_softmax_cross_entropy_in_place():
-    logits, targets = randn(6, 1000, scale=5), torch.tensor([0, 999, 5, -100, 17, 3])
-    a, b = logits.clone(), logits.clone()
+    # 21 tokens: two bands of columns on two threads, a tail of 5 after the 8-wide vectors; 1300 vocabulary rows:
+    # three tiles, the last one short. Large logits: the running max moves between tiles.
+    logits = randn(21, 1300, scale=5)
+    logits[2, 1200] = 80.0  # the max in the last tile
+    targets = torch.randint(0, 1300, (21,), generator=torch.Generator().manual_seed(0))
+    targets[[0, 1, 3]] = torch.tensor([0, 1299, -100])
+    a, b = logits.t().contiguous(), logits.t().contiguous()
     la, lb = ext.softmax_cross_entropy_(a, targets, 0.25, -100), ref.softmax_cross_entropy_(b, targets, 0.25, -100)
     torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     want = F.cross_entropy(logits, targets, ignore_index=-100, reduction="none")
     torch.testing.assert_close(la, want, rtol=1e-5, atol=1e-5)
-    assert la[3] == 0 and a[3].abs().max() == 0
-    with pytest.raises(RuntimeError, match=r"targets\[1\] = 1000 is outside the vocabulary \[0, 1000\)"):
-        ext.softmax_cross_entropy_(logits.clone(), torch.tensor([0, 1000, 0, 0, 0, 0]), 1.0, -100)
+    assert la[3] == 0 and a[:, 3].abs().max() == 0
+    with pytest.raises(RuntimeError, match=r"targets\[1\] = 1300 is outside the vocabulary \[0, 1300\)"):
+        ext.softmax_cross_entropy_(a.clone(), torch.tensor([0, 1300] + [0] * 19), 1.0, -100)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("chunk_elements", [1 << 25, 3 * 500])  # one chunk; chunks of 3 rows (last one short)
+@pytest.mark.parametrize("chunk_elements", [1 << 26, 3 * 500])  # one chunk; chunks of 3 rows (last one short)
 def test_chunked_cross_entropy_equals_full_logits(dtype, chunk_elements, monkeypatch):
     import gemma3_fast.loss as loss_module
 
@@ -229,7 +234,7 @@ def test_opcheck_backward_ops():
         (ext.qk_norm_rope_backward.default, (qa, ka, qa, ka, w[:32], w[:32], cos, sin, 1e-6)),
         (ext.gelu_tanh_mul_backward.default, (randn(3, 32), randn(3, 64, seed=9))),
         (ext.causal_attention_backward.default, (randn(2, 9, 4, 32, seed=6), qa, ka, va, out, lse, 4, 0.2)),
-        (ext.softmax_cross_entropy_.default, (randn(4, 50), torch.tensor([1, 2, -100, 49]), 0.5, -100)),
+        (ext.softmax_cross_entropy_.default, (randn(50, 4), torch.tensor([1, 2, -100, 49]), 0.5, -100)),
     ]:
         torch.library.opcheck(op, args)
 

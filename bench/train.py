@@ -1,0 +1,167 @@
+"""Training step speed and memory: gemma3_fast's fused ops vs the same model on the reference ops (PyTorch
+autograd) vs transformers' Gemma3ForCausalLM, same weights, dtype, threads and batch, one run.
+
+    python bench/train.py                      # tiny (8 x 256) and the 270M shape (4 x 256), fp32, ~10 minutes
+    python bench/train.py --shapes 270m --dtype bfloat16 --rounds 3
+    python bench/train.py --json out.json      # also the raw numbers
+
+A step is forward + backward + fused AdamW (betas 0.9/0.95, weight decay 0.1) on random token ids, one micro-batch;
+tokens/s = batch x seq_len / median step time over --steps steps after one warm-up step. Every row runs in
+its own process, so its peak RSS (getrusage ru_maxrss: model, gradients, optimizer state, activations, the
+interpreter and its libraries) is its own. The rows run --rounds times in turn (the host's memory bandwidth
+drifts over minutes) and the table shows the median over rounds. transformers runs its default attention
+(sdpa) and its loss as ForCausalLMLoss computes it: F.cross_entropy on the whole logits, upcast to fp32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SHAPES = {  # name: (preset, vocab for tiny, batch, seq_len, steps)
+    "tiny": ("tiny", 4096, 8, 256, 10),
+    "270m": ("270m", None, 4, 256, 3),
+}
+ENGINES = [("gemma3_fast", "extension"), ("gemma3_fast", "reference"), ("transformers", "sdpa")]
+
+
+def make_model(shape: str):
+    from gemma3_fast.config import Gemma3Config
+    from gemma3_fast.model import Gemma3Model
+    from gemma3_fast.train import PRESETS, init_weights
+
+    preset, vocab, *_ = SHAPES[shape]
+    kw = dict(PRESETS[preset])
+    if vocab:
+        kw["vocab_size"] = vocab
+    model = Gemma3Model(Gemma3Config(**kw))
+    init_weights(model, 0)
+    return model
+
+
+def child(spec: dict) -> dict:
+    engine, backend, shape, dtype_name = spec["engine"], spec["backend"], spec["shape"], spec["dtype"]
+    _, _, batch, seq_len, steps = SHAPES[shape]
+    dtype = torch.bfloat16 if dtype_name == "bfloat16" else torch.float32
+    model = make_model(shape)
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randint(0, model.config.vocab_size, (batch, seq_len + 1), generator=g) for _ in range(steps + 1)]
+    if engine == "gemma3_fast":
+        from gemma3_fast import ops
+
+        model.set_backend(backend)
+        train_ops = ops.training_ops(backend, "cpu")
+        params = list(model.parameters())
+
+        def loss_of(x, y):
+            return model.loss(x, y, train_ops, dtype)
+    else:
+        import torch.nn.functional as F
+        from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+        from gemma3_fast.weights import hf_state_dict
+
+        config = Gemma3TextConfig(**{k: v for k, v in model.config.to_hf_dict().items()
+                                     if k not in ("architectures", "model_type")})
+        hf = Gemma3ForCausalLM(config).float()
+        missing, unexpected = hf.load_state_dict(hf_state_dict(model), strict=False)
+        assert not unexpected and all("lm_head" in m for m in missing), (missing, unexpected)
+        del model
+        hf.tie_weights()
+        hf.train()
+        params = list(hf.parameters())
+
+        def loss_of(x, y):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                logits = hf(input_ids=x).logits
+            return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+
+    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)  # as train.py
+    times, losses = [], []
+    for i, rows in enumerate(data):
+        t0 = time.perf_counter()
+        loss = loss_of(rows[:, :-1], rows[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i:  # the first step is a warm-up (allocations, oneDNN's kernel choice)
+            times.append(time.perf_counter() - t0)
+        losses.append(float(loss.detach()))
+    step = statistics.median(times)
+    return {"step_s": step, "tokens_per_s": batch * seq_len / step, "first_loss": losses[0],
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def cpu_flags() -> str:
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    isa = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni") if f in flags]
+    return f"{name} ({', '.join(isa)})"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--json", help="write the raw numbers here")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.child:
+        print(json.dumps(child(json.loads(a.child))))
+        return
+
+    specs = [dict(engine=e, backend=b, shape=s, dtype=a.dtype) for s in a.shapes for e, b in ENGINES]
+    results: dict[int, list[dict]] = {i: [] for i in range(len(specs))}
+    for r in range(a.rounds):
+        for i, spec in enumerate(specs):
+            proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
+                                  text=True)
+            if proc.returncode:
+                print(f"{spec}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
+                continue
+            out = json.loads(proc.stdout.strip().splitlines()[-1])
+            results[i].append(out)
+            print(f"round {r + 1}: {spec['shape']} {spec['engine']}/{spec['backend']}: {out['tokens_per_s']:.0f} tok/s, "
+                  f"{out['peak_rss_mib']:.0f} MiB", file=sys.stderr, flush=True)
+
+    print(f"\nMachine: {cpu_flags()}, {torch.get_num_threads()} threads, torch {torch.__version__}, {a.dtype}. "
+          f"Medians over {a.rounds} rounds; each row its own process.\n")
+    print("| shape | batch x tokens | engine | ops | step s | tokens/s | peak RSS MiB | vs transformers tok/s | "
+          "vs transformers RSS |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|")
+    table = []
+    for shape in a.shapes:
+        _, _, batch, seq_len, _ = SHAPES[shape]
+        rows = {}
+        for i, spec in enumerate(specs):
+            if spec["shape"] == shape and results[i]:
+                rows[(spec["engine"], spec["backend"])] = {
+                    k: statistics.median(r[k] for r in results[i]) for k in ("step_s", "tokens_per_s", "peak_rss_mib")}
+        base = rows.get(("transformers", "sdpa"))
+        for (engine, backend), m in rows.items():
+            speed = f"{m['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
+            rss = f"{m['peak_rss_mib'] / base['peak_rss_mib']:.2f}x" if base else "-"
+            print(f"| {shape} | {batch} x {seq_len} | {engine} | {backend} | {m['step_s']:.3f} | "
+                  f"{m['tokens_per_s']:.0f} | {m['peak_rss_mib']:.0f} | {speed} | {rss} |")
+            table.append({"shape": shape, "engine": engine, "ops": backend, **m})
+    if a.json:
+        Path(a.json).write_text(json.dumps({"machine": cpu_flags(), "dtype": a.dtype, "rows": table,
+                                            "raw": {str(i): results[i] for i in results}}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
