@@ -37,6 +37,9 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as a plain open() would make it (some writers create files 0600)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -121,10 +122,14 @@ def _pieces(text: str) -> Iterator[str]:
 class Windows:
     """Training windows of seq_len + 1 tokens (inputs and shifted targets) cut from a token array at stride
     seq_len, visited in a random order per epoch drawn from `seed`. Batch i is windows [i*B, (i+1)*B) of that
-    endless sequence, so a run's data position is one integer and resuming from it replays the same order."""
+    endless sequence, so a run's data position is one integer and resuming from it replays the same order.
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int, name: str = "data"):
-        self.tokens, self.seq_len, self.seed = tokens, seq_len, seed
+    Every window starts with <bos> (bos_id): one cut inside a document gets it prepended, so its inputs are
+    <bos> + the next seq_len - 1 tokens and its targets those seq_len tokens. Gemma expects <bos> at position 0:
+    the pretrained 270M's loss on a story window was 5.6 without it and 3.5 with it."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int, name: str = "data", bos_id: int | None = None):
+        self.tokens, self.seq_len, self.seed, self.bos_id = tokens, seq_len, seed, bos_id
         self.count = (len(tokens) - 1) // seq_len
         if self.count < 1:
             raise DataError(f"{name}: {len(tokens)} tokens is less than one training window of --seq-len + 1 = "
@@ -133,7 +138,11 @@ class Windows:
 
     def window(self, i: int) -> torch.Tensor:
         s = i * self.seq_len
-        return torch.from_numpy(self.tokens[s:s + self.seq_len + 1].astype(np.int64))
+        if self.bos_id is None or self.tokens[s] == self.bos_id:
+            return torch.from_numpy(self.tokens[s:s + self.seq_len + 1].astype(np.int64))
+        row = np.empty(self.seq_len + 1, dtype=np.int64)
+        row[0], row[1:] = self.bos_id, self.tokens[s:s + self.seq_len]
+        return torch.from_numpy(row)
 
     def _index(self, position: int) -> int:
         epoch = position // self.count
@@ -172,6 +181,9 @@ def train_tokenizer(files: list[Path], vocab_size: int, out: Path, quiet: bool =
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=not quiet,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tk.train_from_iterator(iter_documents(files), trainer=trainer)
+    if tk.get_vocab_size() < vocab_size and not quiet:
+        print(f"gemma3_fast.train: the tokenizer stopped at {tk.get_vocab_size()} tokens (asked {vocab_size}): "
+              "every word of the data is already one token", file=sys.stderr)
     tmp = out.with_name(out.name + ".partial")
     tk.save(str(tmp))
     os.replace(tmp, out)

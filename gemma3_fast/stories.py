@@ -70,6 +70,7 @@ def story(rng: random.Random) -> str:
 def write_corpus(path: str | Path, count: int, seed: int = 0) -> Path:
     rng = random.Random(seed)
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
     tmp.write_text("\n\n".join(story(rng) for _ in range(count)) + "\n")
     os.replace(tmp, path)

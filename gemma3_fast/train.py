@@ -212,8 +212,9 @@ def set_up(a, out: Path, saved_tokenizer: str | None = None) -> Run:
                             f"{a.seq_len + 1} tokens and still train; give --val-data or more data, or a smaller "
                             "--seq-len")
         tokens, val_tokens = tokens[:-n_val], tokens[-n_val:]
-    return Run(model, tokenizer, Windows(tokens, a.seq_len, a.seed, str(a.data)),
-               Windows(val_tokens, a.seq_len, a.seed, str(a.val_data or a.data) + " (validation)"))
+    bos = tokenizer.bos_id
+    return Run(model, tokenizer, Windows(tokens, a.seq_len, a.seed, str(a.data), bos),
+               Windows(val_tokens, a.seq_len, a.seed, str(a.val_data or a.data) + " (validation)", bos))
 
 
 def make_optimizer(model: Gemma3Model, a) -> torch.optim.AdamW:
@@ -258,7 +259,8 @@ def plot_losses(log_path: Path, png: Path) -> None:
     val = [r for r in rows if "val_loss" in r]
     ax.plot([r["tokens"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
     ax.set_xlabel("tokens")
-    ax.set_ylabel("cross-entropy (nats)")
+    ax.set_ylabel("cross-entropy (nats, log scale)")
+    ax.set_yscale("log")
     ax.set_title(f"{png.parent.name}: loss")
     ax.grid(alpha=0.3)
     ax.legend()

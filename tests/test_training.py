@@ -145,6 +145,22 @@ def test_checkpoint_loads_in_generate_and_transformers(tmp_path, corpus, capsys)
     assert capsys.readouterr().out.startswith("Once upon a time")
 
 
+def test_windows_start_with_bos_and_cover_the_stream():
+    import numpy as np
+
+    from gemma3_fast.data import Windows
+
+    stream = np.array([2, 10, 11, 12, 13, 14, 15, 1, 2, 16, 17, 1], dtype=np.uint16)  # <bos> ... <eos>, twice
+    w = Windows(stream, 4, seed=0, bos_id=2)
+    assert w.count == 2
+    assert w.window(0).tolist() == [2, 10, 11, 12, 13]  # a document's start: as it is
+    assert w.window(1).tolist() == [2, 13, 14, 15, 1]  # cut inside a document: <bos> prepended
+    x, y = w.batch(0, 2)
+    assert (x[:, 0] == 2).all() and x.shape == y.shape == (2, 4)
+    # Targets cover the stream after each cut: 10..13 from the first window, 13..<eos> from the second.
+    assert sorted(y.flatten().tolist()) == sorted([10, 11, 12, 13, 13, 14, 15, 1])
+
+
 def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
     """A save killed half-way (here: an exception while the new file is written) leaves the old file whole."""
     import gemma3_fast.checkpoint as ckpt
@@ -249,3 +265,16 @@ def test_resume_errors_and_unwritable_out(tmp_path, corpus, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("")
     assert "cannot write there" in run_error(capsys, ["--data", str(corpus), "--out", str(blocker / "sub"), *FAST])
+
+
+@pytest.mark.slow
+def test_init_default_starts_from_the_real_270m(tmp_path, corpus, default_folder):
+    """--init default: the embedded Gemma 3 270M and its tokenizer; English stories are far from random to it."""
+    out = tmp_path / "ft"
+    assert train_main(["--data", str(corpus), "--out", str(out), "--init", "default", "--max-steps", "2",
+                       "--eval-every", "2", "--seq-len", "32", "--batch-size", "1", "--eval-batches", "1",
+                       "--lr", "1e-5", "--warmup-steps", "0", "--quiet"]) == 0
+    log = read_log(out)
+    assert log[0]["loss"] < 4.0, log  # a random 262144-token model starts at ln(262144) = 12.5
+    config = json.loads((out / "config.json").read_text())
+    assert config["vocab_size"] == 262144 and config["num_hidden_layers"] == 18
