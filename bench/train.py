@@ -135,8 +135,8 @@ def main() -> None:
                 continue
             out = json.loads(proc.stdout.strip().splitlines()[-1])
             results[i].append(out)
-            print(f"round {r + 1}: {spec['shape']} {spec['engine']}/{spec['backend']}: {out['tokens_per_s']:.0f} tok/s, "
-                  f"{out['peak_rss_mib']:.0f} MiB", file=sys.stderr, flush=True)
+            print(f"round {r + 1}: {spec['shape']} {spec['engine']}/{spec['backend']}: "
+                  f"{out['tokens_per_s']:.0f} tok/s, {out['peak_rss_mib']:.0f} MiB", file=sys.stderr, flush=True)
 
     print(f"\nMachine: {cpu_flags()}, {torch.get_num_threads()} threads, torch {torch.__version__}, {a.dtype}. "
           f"Medians over {a.rounds} rounds; each row its own process.\n")

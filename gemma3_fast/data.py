@@ -86,8 +86,9 @@ def tokenize_to_memmap(files: list[Path], tokenizer, out: Path, quiet: bool = Fa
     total_bytes = sum(f.stat().st_size for f in files)
     tmp = out.with_name(out.name + ".partial")
     count, docs = 0, 0
+    name = files[0].parent if len(files) > 1 else files[0].name
     with open(tmp, "wb") as sink, tqdm(total=total_bytes, unit="B", unit_scale=True, disable=quiet,
-                                        desc=f"tokenizing {files[0].parent if len(files) > 1 else files[0].name}") as bar:
+                                        desc=f"tokenizing {name}") as bar:
         for text in iter_documents(files):
             docs += 1
             ids = [tokenizer.bos_id]

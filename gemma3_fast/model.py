@@ -9,7 +9,6 @@ decoder_forward: embedding, the blocks, the head (reference_ops.decoder_forward 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import ops as ops_module
@@ -186,7 +185,8 @@ class Gemma3Model(nn.Module):
         positions = torch.arange(input_ids.shape[1], device=self.device)
         tables = {theta: rope_cos_sin(positions, inv) for theta, inv in
                   (("local", self.inv_freq_local), ("global", self.inv_freq_global))}
-        h = (tied_embedding(input_ids, self.embed_tokens.weight, tied or TiedWeightGrad()) * self.embed_scale()).to(dtype)
+        h = tied_embedding(input_ids, self.embed_tokens.weight, tied or TiedWeightGrad())
+        h = (h * self.embed_scale()).to(dtype)
         layers = list(self.layers)
         y = ops.rms_norm(h, layers[0].input_norm, c.rms_norm_eps)
         for i, block in enumerate(layers):

@@ -135,7 +135,8 @@ def resolve_tokenizer(spec: str | None, init_tokenizer: GemmaTokenizer | None, f
         try:
             vocab = int(spec[len("train:"):])
         except ValueError:
-            raise TrainError(f"--tokenizer {spec}: expected train:VOCAB with an integer VOCAB, e.g. train:4096") from None
+            raise TrainError(f"--tokenizer {spec}: expected train:VOCAB with an integer VOCAB, e.g. "
+                             "train:4096") from None
         return train_tokenizer(files, vocab, out / "tokenizer.json", quiet)
     path = Path(spec)
     return GemmaTokenizer.from_file(path / "tokenizer.json" if path.is_dir() else path)

@@ -201,7 +201,8 @@ def test_jsonl_text_and_folder_data_and_val_data(tmp_path, corpus):
 
 
 def test_config_file_and_init_from_checkpoint(tmp_path, corpus):
-    folder = write_hf_folder(tmp_path / "tiny", tiny_config(vocab_size=320), tiny_hf_tensors(tiny_config(vocab_size=320)))
+    config = tiny_config(vocab_size=320)
+    folder = write_hf_folder(tmp_path / "tiny", config, tiny_hf_tensors(config))
     out = tmp_path / "scratch"
     assert train_main(["--data", str(corpus), "--out", str(out), "--config", str(folder / "config.json"),
                        "--max-steps", "2", "--eval-every", "2",

@@ -4,7 +4,8 @@
 //   dV = P^T dO,  dP = dO V^T,  dS = P * (dP - D),  dQ = scale dS K,  dK = scale dS^T Q.
 // Work item: one block of keys of one (batch row, KV head), with every query (of the G heads that share the KV
 // head) that sees it; so dK and dV rows have one writer. dQ rows collect from several key blocks: each of a
-// fixed set of slots (one per thread) sums into its own fp32 copy, added up at the end in slot order. Scores and products are GEMMs (at::mm on one thread).
+// fixed set of slots (one per thread) sums into its own fp32 copy, added up at the end in slot order. Scores and
+// products are GEMMs (at::mm, one thread each).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -51,8 +52,9 @@ void causal_attention_backward_kernel(const T* gout, const T* q, const T* k, con
     at::parallel_for(0, slots, 1, [&](int64_t s0, int64_t s1) {
       const int64_t rows_max = kQueryBlock * g;
       std::vector<float> p(rows_max * kKeyBlock), dp(rows_max * kKeyBlock), dkb(kKeyBlock * d), dvb(kKeyBlock * d);
-      for (int64_t slot = s0; slot < s1; ++slot)
-      for (int64_t kb = slot; kb < nkb; kb += slots) {
+      for (int64_t item = 0; item < (s1 - s0) * nkb; ++item) {  // this chunk's slots, each slot's key blocks
+        const int64_t slot = s0 + item / nkb, kb = slot + (item % nkb) * slots;
+        if (kb >= nkb) continue;
         float* dq_mine = dq_acc.data() + slot * nrows * d;
         const int64_t j0 = kb * kKeyBlock, nb = std::min(kKeyBlock, t - j0), j_last = j0 + nb - 1;
         const int64_t i_end = window > 0 ? std::min(t, j_last + window) : t;  // queries j0 .. i_end - 1 see a key
@@ -105,7 +107,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward_cpu(
   check_causal_attention_args(q, k, v, window);
   const int64_t b = q.size(0), t = q.size(1), hq = q.size(2), hk = k.size(2), d = q.size(3);
   for (const auto& [x, name] : {std::pair{&grad_out, "grad_out"}, std::pair{&out, "out"}}) {
-    TORCH_CHECK(x->sizes() == q.sizes(), "gemma3_fast: ", name, " has shape ", x->sizes(), ", expected q's ", q.sizes());
+    TORCH_CHECK(x->sizes() == q.sizes(), "gemma3_fast: ", name, " has shape ", x->sizes(), ", expected q's ",
+                q.sizes());
     check_same_dtype(*x, q, name, "q");
   }
   TORCH_CHECK(lse.scalar_type() == at::kFloat, "gemma3_fast: lse must be float32, got ", lse.scalar_type());
