@@ -122,6 +122,32 @@ def test_resume_continues_exactly(tmp_path, corpus):
         assert g.get("val_loss", 0) == pytest.approx(w.get("val_loss", 0), abs=1e-6)
 
 
+def test_resume_after_sigkill(tmp_path, corpus):
+    """A run killed with SIGKILL (no chance to save) resumes from its last checkpoint and ends with the losses of
+    an uninterrupted run: the steps after the checkpoint are redone, their log lines replaced."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    common = ["--data", str(corpus), "--max-steps", "40", "--eval-every", "3", *FAST]
+    assert train_main(["--out", str(whole), *common]) == 0
+    proc = subprocess.Popen([sys.executable, "-m", "gemma3_fast.train", "--out", str(killed), *common],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (killed / "train_state.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)  # somewhere after the first checkpoint, maybe inside a later save
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert len(read_log(killed)) < 40
+    assert train_main(["--out", str(killed), "--resume", "--quiet"]) == 0
+    got, want = read_log(killed), read_log(whole)
+    assert [r["step"] for r in got] == list(range(1, 41))
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in want], abs=1e-6)
+
+
 def test_checkpoint_loads_in_generate_and_transformers(tmp_path, corpus, capsys):
     from transformers import Gemma3ForCausalLM
 
