@@ -49,12 +49,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--prefill-chunk must be >= 0, got {args.prefill_chunk}")
     if args.dtype == "float16":
         parser.error("--dtype float16 is not supported: Gemma 3 activations overflow fp16; use float32 or bfloat16")
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    # stdin as bytes: text that is not UTF-8 gets U+FFFD for its bad bytes (a str with surrogate escapes, what
+    # sys.stdin gives, made the tokenizer raise a TypeError).
+    prompt = sys.stdin.buffer.read().decode("utf-8", errors="replace") if args.prompt == "-" else args.prompt
     if not prompt.strip():
         parser.error("the prompt is empty")
 
     try:
         lm = load(args.model, args.dtype, args.device, args.backend, quiet=False, quantize=args.quantize)
+        # The context check before the prompt is echoed: an error comes alone, not after the prompt's text.
+        total = len(lm.encode_prompt(prompt, args.chat)) + args.max_new_tokens
+        if total > lm.config.max_position_embeddings:
+            raise ValueError(f"the prompt and --max-new-tokens {args.max_new_tokens} need {total} positions, which "
+                             f"exceeds the model's context of {lm.config.max_position_embeddings} tokens")
         kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                       top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                       seed=args.seed, chat=args.chat, prefill_chunk=args.prefill_chunk)

@@ -54,6 +54,13 @@ def test_prompt_from_stdin_and_seed_spelling(default_folder):
     assert "generated 4 tokens" in r.stderr
 
 
+def test_prompt_from_stdin_that_is_not_utf8(default_folder):
+    r = subprocess.run([sys.executable, "-m", "gemma3_fast.generate", "--prompt", "-", "--max-new-tokens", "2"],
+                       input=b"The caf\xe9 is", capture_output=True, timeout=600)
+    assert r.returncode == 0, r.stderr.decode()
+    assert r.stdout.decode().startswith("The caf\ufffd is")
+
+
 @pytest.mark.parametrize("args,message", [
     (["--temperature", "-0.5"], "temperature must be >= 0"),
     (["--top-p", "0"], "top-p must be in (0, 1]"),
@@ -75,7 +82,9 @@ def test_bad_flags_are_refused_before_loading(args, message, capsys):
 
 def test_errors_after_parsing_are_one_clear_line(default_folder, tmp_path, capsys):
     assert main(["--max-new-tokens", "40000"]) == 1
-    assert "exceeds the model's context of 32768 tokens" in capsys.readouterr().err
+    out = capsys.readouterr()
+    assert "exceeds the model's context of 32768 tokens" in out.err
+    assert out.out == ""  # the prompt is not echoed before the error
     assert main(["--model", str(tmp_path / "missing")]) == 1
     assert "does not exist" in capsys.readouterr().err
     (tmp_path / "bad.gguf").write_bytes(b"not a gguf at all")
