@@ -75,7 +75,8 @@ def load_train_state(path: Path) -> dict:
         raise CheckpointError(f"--resume: {path} is not a readable training state ({type(e).__name__}: {e})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"--resume: {path} is not a gemma3_fast training state (not a dict)")
-    missing = [k for k in ("step", "position", "model", "optimizer", "args", "config", "rng") if k not in state]
+    missing = [k for k in ("step", "position", "model", "optimizer", "args", "config", "rng", "tokenizer")
+               if k not in state]
     if missing:
         raise CheckpointError(f"--resume: {path} is not a gemma3_fast training state (missing {missing})")
     return state

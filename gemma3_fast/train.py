@@ -174,21 +174,25 @@ class Run:
     val: Windows
 
 
-def set_up(a, out: Path, saved_tokenizer: str | None = None) -> Run:
+def set_up(a, out: Path, state: dict | None = None) -> Run:
+    """The run's model, tokenizer and data. With a saved state (--resume): the model's shape and the tokenizer
+    the run started with; the caller loads the weights."""
     files = source_files(a.data)
     init_model = init_tok = None
-    if a.init is not None:
+    if a.init is not None and state is None:
         from .loading import load_model_and_tokenizer
 
         init_model, init_tok = load_model_and_tokenizer(None if a.init == "default" else a.init, "float32", "cpu",
                                                         a.backend, quiet=a.quiet)
-    if saved_tokenizer is not None:  # --resume: exactly the tokenizer the run started with
+    if state is not None:
         from tokenizers import Tokenizer
 
-        tokenizer = GemmaTokenizer(Tokenizer.from_str(saved_tokenizer), source=str(out / STATE_FILE))
+        tokenizer = GemmaTokenizer(Tokenizer.from_str(state["tokenizer"]), source=str(out / STATE_FILE))
     else:
         tokenizer = resolve_tokenizer(a.tokenizer, init_tok, files, out, a.quiet)
-    if init_model is not None:
+    if state is not None:
+        model = Gemma3Model(Gemma3Config.from_hf_dict(state["config"], source=str(out / STATE_FILE)), a.backend)
+    elif init_model is not None:
         model = init_model.requires_grad_(True).train()
     else:
         config = resolve_config(a.config or "tiny", tokenizer)
@@ -287,15 +291,13 @@ def train(a: argparse.Namespace) -> dict:
         a = argparse.Namespace(**{**saved, "resume": True, "out": str(out)})
     check_args(a)
     check_out_dir(out)
-    run = set_up(a, out, state["tokenizer"] if state else None)
+    run = set_up(a, out, state)
     model, dtype = run.model, torch.bfloat16 if a.dtype == "bfloat16" else torch.float32
     ops = ops_module.training_ops(a.backend, "cpu")
     opt = make_optimizer(model, a)
     step, position, best = 0, 0, float("inf")
     log_path = out / "log.jsonl"
     if state is not None:
-        if state["config"] != model.config.to_hf_dict():
-            raise CheckpointError(f"--resume: {out / STATE_FILE} holds a model of another shape than the run's config")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         step, position, best = state["step"], state["position"], state["best_val"]
