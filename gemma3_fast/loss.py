@@ -53,11 +53,10 @@ def tied_embedding(ids: torch.Tensor, weight: torch.Tensor, tied: TiedWeightGrad
 
 class _ChunkedHeadLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ops, ignore_index, tied):
+    def forward(ctx, hidden, weight, targets, ops, ignore_index, tied, need_grad):
         n, vocab = hidden.shape[0], weight.shape[0]
         valid = int((targets != ignore_index).sum())
         scale = 1.0 / max(valid, 1)
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         w = weight.to(hidden.dtype)  # bf16 training: the head in bf16, from the fp32 master weight
         rows = max(1, min(n, CHUNK_ELEMENTS // vocab))
         buf = torch.empty(vocab * rows, dtype=torch.float32, device=hidden.device)
@@ -95,7 +94,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             ctx.tied.grad_weight, grad_weight = grad_weight, None
         else:
             grad_weight = grad_weight.to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ops,
@@ -108,4 +107,7 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
                          "must be [N, H] and [V, H]")
     if targets.shape != hidden.shape[:1]:
         raise ValueError(f"chunked_cross_entropy: targets {tuple(targets.shape)} must be [{hidden.shape[0]}]")
-    return _ChunkedHeadLoss.apply(hidden, weight, targets.long().contiguous(), ops, ignore_index, tied)
+    # Whether to take the gradients in the forward is decided here: inside forward() grad mode is always off,
+    # and ctx.needs_input_grad is True under torch.no_grad() too (evaluation would pay for two more GEMMs).
+    need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return _ChunkedHeadLoss.apply(hidden, weight, targets.long().contiguous(), ops, ignore_index, tied, need_grad)

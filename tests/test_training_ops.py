@@ -191,6 +191,10 @@ def test_chunked_cross_entropy_equals_full_logits(dtype, chunk_elements, monkeyp
         return F.cross_entropy(F.linear(h, w.to(h.dtype)).float(), t, ignore_index=-100)
 
     got_loss = chunked_cross_entropy(hidden, weight, targets, train_ops)
+    with torch.no_grad():  # evaluation: the same loss (the gradient GEMMs are skipped)
+        torch.testing.assert_close(chunked_cross_entropy(hidden.requires_grad_(True), weight, targets, train_ops),
+                                   got_loss)
+    hidden = hidden.detach()
     torch.testing.assert_close(got_loss, full(hidden, weight, targets), rtol=1e-5 if dtype == torch.float32 else 1e-2,
                                atol=1e-5)
     for scale in (1.0, 0.5):  # 0.5: gradient accumulation scales the loss
