@@ -104,13 +104,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.
     keys = torch.cat((_acc(k_cache[cached % size]), _acc(k)))  # [L, Hk, D]
     vals = torch.cat((_acc(v_cache[cached % size]), _acc(v)))
     kpos = torch.cat((cached, positions.to(cached.dtype)))
-    return _softmax_attention(q, keys, vals, positions.to(cached.dtype), kpos, window, scale)[0]
+    return _softmax_attention(q, keys, vals, positions.to(cached.dtype), kpos, window, scale, with_lse=False)[0]
 
 
 def _softmax_attention(q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, qpos: torch.Tensor,
-                       kpos: torch.Tensor, window: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                       kpos: torch.Tensor, window: int, scale: float,
+                       with_lse: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """q [T, Hq, D] at positions qpos over keys/vals [L, Hk, D] at kpos: (out [T, Hq, D] in q's dtype, the
-    log-sum-exp of each query's visible scores [T, Hq] in the accumulation dtype)."""
+    log-sum-exp of each query's visible scores [T, Hq] in the accumulation dtype, or None without with_lse)."""
     t, hq, d = q.shape
     hk = keys.shape[1]
     allowed = kpos[None, :] <= qpos[:, None]
@@ -119,10 +120,9 @@ def _softmax_attention(q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, 
     qg = _acc(q).view(t, hk, hq // hk, d)  # query heads grouped by the KV head they share
     scores = torch.einsum("tkgd,lkd->kgtl", qg, keys) * scale
     scores = scores.masked_fill(~allowed, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)  # [Hk, G, T]
     probs = torch.softmax(scores, dim=-1)
-    out = torch.einsum("kgtl,lkd->tkgd", probs, vals)
-    return out.reshape(t, hq, d).to(q.dtype), lse.reshape(hq, t).t()
+    out = torch.einsum("kgtl,lkd->tkgd", probs, vals).reshape(t, hq, d).to(q.dtype)
+    return out, torch.logsumexp(scores, dim=-1).reshape(hq, t).t() if with_lse else None
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,

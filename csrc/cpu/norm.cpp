@@ -6,6 +6,7 @@
 
 #include "../checks.h"
 #include "kernels.h"
+#include "norm_rows.h"
 #include "vec.h"
 
 namespace gemma3_fast {
@@ -21,11 +22,6 @@ void check_norm_args(const at::Tensor& x, const at::Tensor& weight, const char* 
   check_same_device(weight, x, wname);
   check_contiguous(weight, wname);
   TORCH_CHECK(eps >= 0, "gemma3_fast: eps must be >= 0, got ", eps);
-}
-
-template <typename T>
-inline float inv_rms(const T* row, int64_t n, double eps) {
-  return 1.f / std::sqrt(vec::sum_squares(row, n) / static_cast<float>(n) + static_cast<float>(eps));
 }
 
 int64_t row_grain(int64_t n) { return std::max<int64_t>(1, 32768 / n); }  // rows per task: ~32K elements
@@ -78,48 +74,8 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm_cpu(const at::Tensor& x, const a
   return {h, y};
 }
 
-// -- backward ---------------------------------------------------------------------------------------------
-// y = x r (1 + w), r = (mean(x^2) + eps)^-1/2. With gw = g (1 + w):
-//   dx = r gw - x r^3 mean(gw x),   dw = sum over rows of g x r.
-// norm_backward_row writes dx (rounded to TD) and adds g x r into dw_acc (fp32, one per thread).
+// -- backward ----------------------------------------------------------------------------------------------
 namespace {
-
-template <typename TG, typename TX, typename TW, typename TD>
-void norm_backward_row(TD* dx, const TG* g, const TX* x, const TW* w, float* dw_acc, int64_t n, double eps,
-                       float* gw) {
-  const float r = inv_rms(x, n, eps);
-  for (int64_t i = 0; i < n; ++i) gw[i] = vec::to_f32(g[i]) * (1.f + vec::to_f32(w[i]));
-  const float coef = vec::dot(gw, x, n) * r * r * r / static_cast<float>(n);
-  int64_t i = 0;
-#ifdef GEMMA3_AVX2
-  const __m256 vr = _mm256_set1_ps(r), vc = _mm256_set1_ps(coef);
-  for (; i + 8 <= n; i += 8) {
-    const __m256 xv = vec::load8(x + i);
-    vec::store8(dx + i, _mm256_fnmadd_ps(vc, xv, _mm256_mul_ps(vr, _mm256_loadu_ps(gw + i))));
-    vec::store8(dw_acc + i, _mm256_fmadd_ps(_mm256_mul_ps(vec::load8(g + i), xv), vr, _mm256_loadu_ps(dw_acc + i)));
-  }
-#endif
-  for (; i < n; ++i) {
-    const float xv = vec::to_f32(x[i]);
-    dx[i] = vec::from_f32<TD>(r * gw[i] - coef * xv);
-    dw_acc[i] += vec::to_f32(g[i]) * xv * r;
-  }
-}
-
-// Per-thread fp32 weight-gradient rows, summed and rounded to the weight dtype at the end.
-struct WeightGrads {
-  WeightGrads(int64_t n, int64_t count) : n(n), acc(at::get_num_threads() * count * n, 0.f) {}
-  float* of(int64_t which, int64_t count) { return acc.data() + (at::get_thread_num() * count + which) * n; }
-  at::Tensor sum(int64_t which, int64_t count, const at::Tensor& like) const {
-    at::Tensor out = at::zeros({n}, like.options().dtype(at::kFloat));
-    float* o = out.data_ptr<float>();
-    for (int64_t t = 0; t < at::get_num_threads(); ++t)
-      for (int64_t i = 0; i < n; ++i) o[i] += acc[(t * count + which) * n + i];
-    return out.to(like.scalar_type());
-  }
-  int64_t n;
-  std::vector<float> acc;
-};
 
 void check_grad(const at::Tensor& grad, const at::Tensor& x, const char* name) {
   TORCH_CHECK(grad.sizes() == x.sizes(), "gemma3_fast: ", name, " has shape ", grad.sizes(), " but x has ",

@@ -7,6 +7,7 @@
 
 #include "../checks.h"
 #include "kernels.h"
+#include "norm_rows.h"
 #include "vec.h"
 
 namespace gemma3_fast {
@@ -16,7 +17,7 @@ template <typename T>
 void norm_rope_row(T* out, const T* x, const T* w, const float* cos, const float* sin, int64_t d, double eps,
                    float* buf) {
   const int64_t half = d / 2;
-  const float inv = 1.f / std::sqrt(vec::sum_squares(x, d) / static_cast<float>(d) + static_cast<float>(eps));
+  const float inv = inv_rms(x, d, eps);
   vec::norm_scale(buf, x, w, inv, d);  // fp32, not rounded: RoPE follows
   for (int64_t i = 0; i < half; ++i) {
     const float x1 = buf[i], x2 = buf[i + half];
@@ -103,28 +104,18 @@ std::tuple<at::Tensor, at::Tensor> qk_norm_rope_cpu(const at::Tensor& q, const a
   return {q_out, k_out};
 }
 
-// Backward of one row: undo the rotation (the transpose of RoPE's), then RMSNorm's backward.
+// Backward of one row: undo the rotation (the transpose of RoPE's), then RMSNorm's backward (norm_rows.h).
 //   rope: o1 = n1 c - n2 s, o2 = n2 c + n1 s  =>  dn1 = g1 c + g2 s, dn2 = g2 c - g1 s
-//   norm: n = x r (1 + w): dx = r dn (1 + w) - x r^3 mean(dn (1 + w) x), dw += dn x r
 template <typename T>
 void norm_rope_backward_row(T* dx, const T* g, const T* x, const T* w, const float* cos, const float* sin,
-                            float* dw_acc, int64_t d, double eps, float* buf) {
+                            float* dw_acc, int64_t d, double eps, float* dn, float* gw) {
   const int64_t half = d / 2;
   for (int64_t i = 0; i < half; ++i) {
     const float g1 = vec::to_f32(g[i]), g2 = vec::to_f32(g[i + half]);
-    buf[i] = g1 * cos[i] + g2 * sin[i];
-    buf[i + half] = g2 * cos[i] - g1 * sin[i];
+    dn[i] = g1 * cos[i] + g2 * sin[i];
+    dn[i + half] = g2 * cos[i] - g1 * sin[i];
   }
-  const float r = 1.f / std::sqrt(vec::sum_squares(x, d) / static_cast<float>(d) + static_cast<float>(eps));
-  float dot = 0.f;
-  for (int64_t i = 0; i < d; ++i) {
-    const float xv = vec::to_f32(x[i]);
-    dw_acc[i] += buf[i] * xv * r;
-    buf[i] *= 1.f + vec::to_f32(w[i]);
-    dot += buf[i] * xv;
-  }
-  const float coef = dot * r * r * r / static_cast<float>(d);
-  for (int64_t i = 0; i < d; ++i) dx[i] = vec::from_f32<T>(r * buf[i] - coef * vec::to_f32(x[i]));
+  norm_backward_row(dx, dn, x, w, dw_acc, d, eps, gw);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_backward_cpu(
@@ -137,9 +128,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_backward
   }
   const at::Tensor gq = grad_q.contiguous(), gk = grad_k.contiguous();
   const HeadRows qr(q), kr(k);
-  const int64_t d = qr.d, nq = qr.rows(), threads = at::get_num_threads();
+  const int64_t d = qr.d, nq = qr.rows();
   at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options());
-  std::vector<float> dw(threads * 2 * d, 0.f);  // per thread: d q_weight, d k_weight
+  WeightGrads dw(d, 2);  // 0: q_weight, 1: k_weight
   dispatch_float_bf16(q.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *gqp = gq.data_ptr<T>(), *gkp = gk.data_ptr<T>();
@@ -147,25 +138,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_backward
     const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
     T *dqp = dq.data_ptr<T>(), *dkp = dk.data_ptr<T>();
     at::parallel_for(0, nq + kr.rows(), 16, [&](int64_t b, int64_t e) {
-      std::vector<float> buf(d);
-      float* acc = dw.data() + at::get_thread_num() * 2 * d;
+      std::vector<float> dn(d), gw(d);
       for (int64_t item = b; item < e; ++item) {
         const bool is_q = item < nq;
         const HeadRows& rows = is_q ? qr : kr;
         const int64_t row = is_q ? item : item - nq, ti = rows.token(row);
         norm_rope_backward_row((is_q ? dqp : dkp) + row * d, (is_q ? gqp : gkp) + row * d,
                                (is_q ? qp : kp) + rows.offset(row), is_q ? qw : kw, cp + ti * (d / 2),
-                               sp + ti * (d / 2), acc + (is_q ? 0 : d), d, eps, buf.data());
+                               sp + ti * (d / 2), dw.of(is_q ? 0 : 1, 2), d, eps, dn.data(), gw.data());
       }
     });
   });
-  at::Tensor dqw = at::zeros({d}, q.options().dtype(at::kFloat)), dkw = at::zeros({d}, q.options().dtype(at::kFloat));
-  for (int64_t t = 0; t < threads; ++t)
-    for (int64_t i = 0; i < d; ++i) {
-      dqw.data_ptr<float>()[i] += dw[t * 2 * d + i];
-      dkw.data_ptr<float>()[i] += dw[t * 2 * d + d + i];
-    }
-  return {dq, dk, dqw.to(q_weight.scalar_type()), dkw.to(k_weight.scalar_type())};
+  return {dq, dk, dw.sum(0, 2, q_weight), dw.sum(1, 2, k_weight)};
 }
 
 at::Tensor norm_rope_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& cos, const at::Tensor& sin,
