@@ -2,9 +2,9 @@
 weights (the default Gemma 3 270M), same threads, one run. Also: measured memory bandwidth and the decode
 roofline per dtype, decode speed at position ~100 vs ~4000, and int8 quality against bf16.
 
-    python bench/e2e.py                  # the README table (about 12 minutes on 2 cores; 14 with --llama-cpp)
+    python bench/e2e.py                  # the README's table (about 12 minutes on 2 cores; 14 with --llama-cpp)
     python bench/e2e.py --llama-cpp      # adds llama-cpp-python on the same GGUF, if it is installed
-    python bench/e2e.py --json out.json  # also write the raw numbers
+    python bench/e2e.py --json out.json  # the raw numbers elsewhere (default bench/raw/e2e.json)
 
 Each engine runs in its own subprocess (clean peak RSS, no state shared between rows). Decode tok/s is
 1 / median step time over 128 greedy steps after a 512-token prompt (EOS ignored); prefill tok/s is the
@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -29,6 +27,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from report import machine_info, render_e2e, write_raw
 
 HERE = Path(__file__).resolve().parent
 TEXT = (HERE / "data" / "printing_press.txt").read_text()
@@ -306,16 +306,6 @@ def child(spec: dict) -> dict:
     return out
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 # -- parent: the table ---------------------------------------------------------------------------------------
 class BandwidthProbe:
     """Read bandwidth, sampled between decode steps: one sum over a 256 MiB fp32 buffer per sample, the median
@@ -353,7 +343,8 @@ def main() -> None:
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--rounds", type=int, default=3,
                     help="run every engine this many times, in turn, and report medians (shared hosts drift)")
-    ap.add_argument("--json", help="write the raw results here")
+    ap.add_argument("--json", default=str(HERE / "raw" / "e2e.json"),
+                    help="the raw results (default bench/raw/e2e.json; `python bench/report.py` makes the table)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -396,78 +387,10 @@ def main() -> None:
         rows.append(row)
     quality = run_child(dict(engine="quality", threads=args.threads))
 
-    bytes_per_token = {(r["dtype"], r["quantize"]): r["bytes_per_token"] for r in rows if "bytes_per_token" in r}
-    print(f"\nMachine: {cpu_name()}, {os.cpu_count()} cores, {args.threads} threads, torch {torch.__version__}. "
-          f"Bandwidth: median of 256 MiB reads (huge pages) between the row's own decode steps. "
-          f"Medians of {args.rounds} rounds.\n")
-    print("| engine | backend | weights | prefill 512 tok/s | decode tok/s | bandwidth GB/s | roofline tok/s "
-          "| decode / roofline | peak RSS MiB |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        weights = "int8" if r["quantize"] == "int8" else r["dtype"]
-        nbytes = bytes_per_token.get((r["dtype"], r["quantize"]))
-        bw = r["bandwidth_gbs"]
-        roof = bw * 1e9 / nbytes if nbytes else None
-        roof_s = f"{roof:.1f}" if roof else "-"
-        ratio = f"{r['decode_tps'] / roof:.2f}" if roof else "-"
-        print(f"| {r['engine']} | {r['backend']} | {weights} | {r['prefill_tps']:.0f} | {r['decode_tps']:.1f} | "
-              f"{bw:.1f} | {roof_s} | {ratio} | {r['peak_rss_mib']:.0f} |")
-
-    def find(engine, backend, dtype, quant="none"):
-        return next((r for r in rows if (r["engine"], r["backend"], r["dtype"], r["quantize"]) ==
-                     (engine, backend, dtype, quant)), None)
-
-    print()
-    for dtype in ("float32", "bfloat16"):
-        ours, hf = find("gemma3_fast", "extension", dtype), find("transformers", "sdpa", dtype)
-        if ours and hf:
-            print(f"- decode vs transformers, {dtype}, rows above: {ours['decode_tps'] / hf['decode_tps']:.2f}x")
-        h2h = head_to_head.get(dtype)
-        if h2h:
-            med = {k: statistics.median(r[k] for r in h2h) for k in ("ratio", "ours_tps", "hf_tps")}
-            print(f"- decode vs transformers, {dtype}, one process, steps alternating: {med['ratio']:.2f}x "
-                  f"({med['ours_tps']:.1f} vs {med['hf_tps']:.1f} tok/s; per round "
-                  f"{', '.join('%.2fx' % r['ratio'] for r in h2h)})")
-    hf32 = find("transformers", "sdpa", "float32")
-    for dtype, quant in (("float32", "none"), ("bfloat16", "none"), ("bfloat16", "int8")):
-        ours = find("gemma3_fast", "extension", dtype, quant)
-        if ours and hf32:
-            print(f"- prefill vs transformers fp32, ours {dtype}/{quant}: {ours['prefill_tps'] / hf32['prefill_tps']:.2f}x")
-    for dtype, h2h in head_to_head.items():
-        if h2h and "prefill_ratio" in h2h[0]:
-            med = {k: statistics.median(r[k] for r in h2h) for k in ("prefill_ratio", "ours_prefill_tps",
-                                                                      "hf_prefill_tps")}
-            print(f"- prefill vs transformers {dtype}, one process, runs alternating: {med['prefill_ratio']:.2f}x "
-                  f"({med['ours_prefill_tps']:.0f} vs {med['hf_prefill_tps']:.0f} tok/s; per round "
-                  f"{', '.join('%.2fx' % r['prefill_ratio'] for r in h2h)})")
-        if h2h and "bf16_math_prefill_ratio" in h2h[0]:
-            med = {k: statistics.median(r[k] for r in h2h) for k in ("bf16_math_prefill_ratio",
-                                                                      "ours_bf16_math_prefill_tps", "hf_prefill_tps")}
-            print(f"- prefill vs transformers {dtype}, one process, runs alternating, ours with "
-                  f"torch.backends.mkldnn.matmul.fp32_precision='bf16' (opt-in): {med['bf16_math_prefill_ratio']:.2f}x "
-                  f"({med['ours_bf16_math_prefill_tps']:.0f} vs {med['hf_prefill_tps']:.0f} tok/s; per round "
-                  f"{', '.join('%.2fx' % r['bf16_math_prefill_ratio'] for r in h2h)})")
-    b16, i8 = find("gemma3_fast", "extension", "bfloat16"), find("gemma3_fast", "extension", "bfloat16", "int8")
-    if b16 and i8:
-        print(f"- int8 decode vs bf16 decode, rows above: {i8['decode_tps'] / b16['decode_tps']:.2f}x")
-    if int8_vs_bf16:
-        med = {k: statistics.median(r[k] for r in int8_vs_bf16) for k in ("ratio", "int8_tps", "bf16_tps")}
-        print(f"- int8 decode vs bf16 decode, one process, steps alternating: {med['ratio']:.2f}x "
-              f"({med['int8_tps']:.1f} vs {med['bf16_tps']:.1f} tok/s; per round "
-              f"{', '.join('%.2fx' % r['ratio'] for r in int8_vs_bf16)})")
-    for r in rows:
-        if "decode_tps_pos4000" in r:
-            print(f"- decode at position ~4000 vs ~100 (steps interleaved), {r['dtype']}/{r['quantize']}: "
-                  f"{r['decode_tps_pos4000']:.1f} vs {r['decode_tps_pos100']:.1f} tok/s "
-                  f"({r['decode_tps_pos4000'] / r['decode_tps_pos100']:.2f}x)")
-    if quality:
-        print(f"- int8 vs bf16 quality: teacher-forced top-1 agreement {quality['top1_agreement']:.3f} over "
-              f"{quality['positions']} positions, mean |Δlogit| {quality['mean_abs_dlogit']:.3f}, perplexity "
-              f"{quality['ppl_int8']:.3f} vs {quality['ppl_bf16']:.3f} ({(quality['ppl_ratio'] - 1) * 100:+.2f}%)")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "quality": quality, "head_to_head": head_to_head,
-                                               "int8_vs_bf16": int8_vs_bf16},
-                                              indent=2))
+    data = {"kind": "e2e", "machine": machine_info(args.threads), "rounds": args.rounds, "rows": rows,
+            "quality": quality, "head_to_head": head_to_head, "int8_vs_bf16": int8_vs_bf16}
+    print("\n" + render_e2e(data), end="")
+    write_raw(Path(args.json), data)
 
 
 if __name__ == "__main__":

@@ -1,27 +1,68 @@
-"""Markdown table of a pytest-benchmark JSON file: median per impl and the speedup of the extension.
+"""The benchmarks' tables: markdown rendered from their raw JSON.
 
-    python bench/report.py bench/ops.json
+    python bench/report.py                     # every bench/raw/*.json -> bench/results/<name>.md
+    python bench/report.py bench/raw/ops.json  # one file's table on stdout
+
+Raw JSON (pytest-benchmark's dumps run to megabytes) lives in bench/raw/, which git ignores. What is committed
+is bench/results/*.md: the small tables the README and docs/PERFORMANCE.md quote. Each benchmark writes its raw
+file there by default (see docs/PERFORMANCE.md, "Running the benchmarks"):
+
+    pytest bench/test_ops_bench.py --benchmark-only --benchmark-json=bench/raw/ops.json
+    python bench/e2e.py            # bench/raw/e2e.json
+    python bench/train.py          # bench/raw/train.json
+
+Three kinds of raw file, told apart by their content: pytest-benchmark's (`benchmarks`), bench/e2e.py's
+(`kind: e2e`) and bench/train.py's (`kind: train`). This module imports no torch, so it runs anywhere.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import platform
+import statistics
 import sys
 from collections import defaultdict
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RAW, RESULTS = HERE / "raw", HERE / "results"
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "asimd", "sve")
 
 
-def main(path: str) -> None:
-    data = json.load(open(path))
+def cpu_description(flags: set[str] | None = None, name: str | None = None) -> str:
+    """'<model name> (<the ISA flags the kernels use>)': every number is quoted with the CPU's flags."""
+    if name is None or flags is None:
+        try:
+            info = Path("/proc/cpuinfo").read_text().splitlines()
+        except OSError:
+            info = []
+        name = name or next((ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name")),
+                            platform.processor() or platform.machine())
+        flags = flags if flags is not None else set(
+            next((ln.split(":", 1)[1].split() for ln in info if ln.startswith(("flags", "Features"))), []))
+    isa = [f for f in ISA_FLAGS if f in flags]
+    return f"{name} ({', '.join(isa)})" if isa else name
+
+
+def machine_info(threads: int) -> dict:
+    import torch  # only the benchmarks that measure call this
+
+    return {"cpu": cpu_description(), "cores": os.cpu_count(), "threads": threads, "torch": torch.__version__}
+
+
+# -- pytest-benchmark: per-op medians -------------------------------------------------------------------------
+def render_ops(data: dict) -> str:
     groups: dict[str, dict[str, float]] = defaultdict(dict)
     for b in data["benchmarks"]:
         groups[b["group"]][b["extra_info"]["impl"]] = b["stats"]["median"]
-    machine = data.get("machine_info", {})
-    print(f"<!-- {machine.get('cpu', {}).get('brand_raw', '?')}, torch threads as configured -->")
-    print("| op | dtype | shape | extension | reference | builtin | ref / ext | builtin / ext |")
-    print("|---|---|---|---:|---:|---:|---:|---:|")
-    for group in groups:  # in the order the benchmarks ran (their parametrization)
+    cpu = data.get("machine_info", {}).get("cpu", {})
+    lines = [f"Machine: {cpu_description(set(cpu.get('flags', [])), cpu.get('brand_raw', '?'))}. "
+             "Median time per call; ratios are the extension's speedup.", "",
+             "| op | dtype | shape | extension | reference | builtin | ref / ext | builtin / ext |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for group, m in groups.items():  # in the order the benchmarks ran (their parametrization)
         op, dt, shape = group.split("-", 2)
-        m = groups[group]
         ext = m.get("extension")
 
         def us(k):
@@ -30,9 +71,155 @@ def main(path: str) -> None:
         def ratio(k):
             return f"{m[k] / ext:.1f}×" if ext and k in m else "-"
 
-        print(f"| {op} | {dt} | {shape} | {us('extension')} | {us('reference')} | {us('builtin')} | "
-              f"{ratio('reference')} | {ratio('builtin')} |")
+        lines.append(f"| {op} | {dt} | {shape} | {us('extension')} | {us('reference')} | {us('builtin')} | "
+                     f"{ratio('reference')} | {ratio('builtin')} |")
+    return "\n".join(lines) + "\n"
+
+
+# -- bench/e2e.py: end to end -----------------------------------------------------------------------------------
+def render_e2e(data: dict) -> str:
+    rows, quality = data["rows"], data.get("quality")
+    head_to_head, int8_vs_bf16 = data.get("head_to_head", {}), data.get("int8_vs_bf16", [])
+    mach = data["machine"]
+    out = [f"Machine: {mach['cpu']}, {mach['cores']} cores, {mach['threads']} threads, torch {mach['torch']}. "
+           "Bandwidth: median of 256 MiB reads (huge pages) between the row's own decode steps. "
+           f"Medians of {data['rounds']} rounds.", "",
+           "| engine | backend | weights | prefill 512 tok/s | decode tok/s | bandwidth GB/s | roofline tok/s "
+           "| decode / roofline | peak RSS MiB |",
+           "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    bytes_per_token = {(r["dtype"], r["quantize"]): r["bytes_per_token"] for r in rows if "bytes_per_token" in r}
+    for r in rows:
+        weights = "int8" if r["quantize"] == "int8" else r["dtype"]
+        nbytes = bytes_per_token.get((r["dtype"], r["quantize"]))
+        bw = r["bandwidth_gbs"]
+        roof = bw * 1e9 / nbytes if nbytes else None
+        roof_s = f"{roof:.1f}" if roof else "-"
+        ratio = f"{r['decode_tps'] / roof:.2f}" if roof else "-"
+        out.append(f"| {r['engine']} | {r['backend']} | {weights} | {r['prefill_tps']:.0f} | {r['decode_tps']:.1f} | "
+                   f"{bw:.1f} | {roof_s} | {ratio} | {r['peak_rss_mib']:.0f} |")
+
+    def find(engine, backend, dtype, quant="none"):
+        return next((r for r in rows if (r["engine"], r["backend"], r["dtype"], r["quantize"]) ==
+                     (engine, backend, dtype, quant)), None)
+
+    def per_round(runs, key):
+        return ", ".join("%.2fx" % r[key] for r in runs)
+
+    out.append("")
+    for dtype in ("float32", "bfloat16"):
+        ours, hf = find("gemma3_fast", "extension", dtype), find("transformers", "sdpa", dtype)
+        if ours and hf:
+            out.append(f"- decode vs transformers, {dtype}, rows above: {ours['decode_tps'] / hf['decode_tps']:.2f}x")
+        h2h = head_to_head.get(dtype)
+        if h2h:
+            med = {k: statistics.median(r[k] for r in h2h) for k in ("ratio", "ours_tps", "hf_tps")}
+            out.append(f"- decode vs transformers, {dtype}, one process, steps alternating: {med['ratio']:.2f}x "
+                       f"({med['ours_tps']:.1f} vs {med['hf_tps']:.1f} tok/s; per round {per_round(h2h, 'ratio')})")
+    hf32 = find("transformers", "sdpa", "float32")
+    for dtype, quant in (("float32", "none"), ("bfloat16", "none"), ("bfloat16", "int8")):
+        ours = find("gemma3_fast", "extension", dtype, quant)
+        if ours and hf32:
+            out.append(f"- prefill vs transformers fp32, ours {dtype}/{quant}: "
+                       f"{ours['prefill_tps'] / hf32['prefill_tps']:.2f}x")
+    for dtype, h2h in head_to_head.items():
+        if h2h and "prefill_ratio" in h2h[0]:
+            med = {k: statistics.median(r[k] for r in h2h) for k in ("prefill_ratio", "ours_prefill_tps",
+                                                                      "hf_prefill_tps")}
+            out.append(f"- prefill vs transformers {dtype}, one process, runs alternating: {med['prefill_ratio']:.2f}x "
+                       f"({med['ours_prefill_tps']:.0f} vs {med['hf_prefill_tps']:.0f} tok/s; per round "
+                       f"{per_round(h2h, 'prefill_ratio')})")
+        if h2h and "bf16_math_prefill_ratio" in h2h[0]:
+            med = {k: statistics.median(r[k] for r in h2h) for k in ("bf16_math_prefill_ratio",
+                                                                      "ours_bf16_math_prefill_tps", "hf_prefill_tps")}
+            out.append(f"- prefill vs transformers {dtype}, one process, runs alternating, ours with "
+                       f"torch.backends.mkldnn.matmul.fp32_precision='bf16' (opt-in): "
+                       f"{med['bf16_math_prefill_ratio']:.2f}x ({med['ours_bf16_math_prefill_tps']:.0f} vs "
+                       f"{med['hf_prefill_tps']:.0f} tok/s; per round {per_round(h2h, 'bf16_math_prefill_ratio')})")
+    b16, i8 = find("gemma3_fast", "extension", "bfloat16"), find("gemma3_fast", "extension", "bfloat16", "int8")
+    if b16 and i8:
+        out.append(f"- int8 decode vs bf16 decode, rows above: {i8['decode_tps'] / b16['decode_tps']:.2f}x")
+    if int8_vs_bf16:
+        med = {k: statistics.median(r[k] for r in int8_vs_bf16) for k in ("ratio", "int8_tps", "bf16_tps")}
+        out.append(f"- int8 decode vs bf16 decode, one process, steps alternating: {med['ratio']:.2f}x "
+                   f"({med['int8_tps']:.1f} vs {med['bf16_tps']:.1f} tok/s; per round "
+                   f"{per_round(int8_vs_bf16, 'ratio')})")
+    for r in rows:
+        if "decode_tps_pos4000" in r:
+            out.append(f"- decode at position ~4000 vs ~100 (steps interleaved), {r['dtype']}/{r['quantize']}: "
+                       f"{r['decode_tps_pos4000']:.1f} vs {r['decode_tps_pos100']:.1f} tok/s "
+                       f"({r['decode_tps_pos4000'] / r['decode_tps_pos100']:.2f}x)")
+    if quality:
+        out.append(f"- int8 vs bf16 quality: teacher-forced top-1 agreement {quality['top1_agreement']:.3f} over "
+                   f"{quality['positions']} positions, mean |Δlogit| {quality['mean_abs_dlogit']:.3f}, perplexity "
+                   f"{quality['ppl_int8']:.3f} vs {quality['ppl_bf16']:.3f} ({(quality['ppl_ratio'] - 1) * 100:+.2f}%)")
+    return "\n".join(out) + "\n"
+
+
+# -- bench/train.py: training steps ---------------------------------------------------------------------------
+def render_train(data: dict) -> str:
+    out = [f"Machine: {data['machine']}, {data['threads']} threads, torch {data['torch']}, {data['dtype']}. "
+           f"Medians over {data['rounds']} rounds; each row its own process.", "",
+           "| shape | batch x tokens | engine | ops | step s | tokens/s | peak RSS MiB | vs transformers tok/s | "
+           "vs transformers RSS |",
+           "|---|---|---|---|---:|---:|---:|---:|---:|"]
+    for shape in dict.fromkeys(r["shape"] for r in data["rows"]):
+        rows = [r for r in data["rows"] if r["shape"] == shape]
+        base = next((r for r in rows if (r["engine"], r["ops"]) == ("transformers", "sdpa")), None)
+        for m in rows:
+            speed = f"{m['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
+            rss = f"{m['peak_rss_mib'] / base['peak_rss_mib']:.2f}x" if base else "-"
+            out.append(f"| {shape} | {m['batch']} x {m['seq_len']} | {m['engine']} | {m['ops']} | "
+                       f"{m['step_s']:.3f} | {m['tokens_per_s']:.0f} | {m['peak_rss_mib']:.0f} | {speed} | {rss} |")
+    return "\n".join(out) + "\n"
+
+
+def render(data: dict) -> str:
+    if "benchmarks" in data:
+        return render_ops(data)
+    renderers = {"e2e": render_e2e, "train": render_train}
+    kind = data.get("kind")
+    if kind not in renderers:
+        raise ValueError(f"unknown raw benchmark file: expected pytest-benchmark JSON or kind "
+                         f"{sorted(renderers)}, got kind={kind!r}")
+    return renderers[kind](data)
+
+
+def write_raw(path: Path, data: dict) -> None:
+    """A benchmark's raw numbers, written whole or not at all (a run takes minutes; an interrupted one keeps the
+    previous file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+    print(f"raw numbers: {path} (tables: python bench/report.py)", file=sys.stderr)
+
+
+def write_results(raw_dir: Path = RAW, results_dir: Path = RESULTS) -> list[Path]:
+    """Every raw JSON in raw_dir -> results_dir/<same name>.md, each headed by where it came from."""
+    written = []
+    for path in sorted(raw_dir.glob("*.json")):
+        table = render(json.loads(path.read_text()))
+        out = results_dir / (path.stem + ".md")
+        results_dir.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".md.tmp")
+        tmp.write_text(f"<!-- generated by `python bench/report.py` from bench/raw/{path.name}; do not edit -->\n"
+                       + table)
+        tmp.replace(out)
+        written.append(out)
+    return written
+
+
+def main(argv: list[str]) -> None:
+    if argv:
+        for path in argv:
+            print(render(json.loads(Path(path).read_text())), end="")
+        return
+    written = write_results()
+    if not written:
+        sys.exit(f"no raw benchmark JSON in {RAW}: run a benchmark first (see this file's docstring)")
+    for path in written:
+        print(path.relative_to(HERE.parent))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1:])

@@ -1,7 +1,7 @@
 """Per-op benchmarks: the compiled kernel vs the PyTorch reference vs the best torch built-in.
 
-    pytest bench/test_ops_bench.py --benchmark-only --benchmark-json=bench/ops.json
-    python bench/report.py bench/ops.json          # the README table (medians and ratios)
+    pytest bench/test_ops_bench.py --benchmark-only --benchmark-json=bench/raw/ops.json
+    python bench/report.py                         # bench/results/ops.md (medians and ratios)
 
 Shapes are the 270M model's: hidden 640, 4 query heads, 1 KV head, head_dim 256, window 512.
 Groups: <op>-<dtype>-<shape>; in each group, impl = extension | reference | builtin.

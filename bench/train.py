@@ -3,7 +3,7 @@ autograd) vs transformers' Gemma3ForCausalLM, same weights, dtype, threads and b
 
     python bench/train.py                      # tiny (8 x 256) and the 270M shape (4 x 256), fp32, ~10 minutes
     python bench/train.py --shapes 270m --dtype bfloat16 --rounds 3
-    python bench/train.py --json out.json      # also the raw numbers
+    python bench/train.py --json out.json      # the raw numbers elsewhere (default bench/raw/train.json)
 
 A step is forward + backward + fused AdamW (betas 0.9/0.95, weight decay 0.1) on random token ids, one micro-batch;
 tokens/s = batch x seq_len / median step time over --steps steps after one warm-up step. Every row runs in
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import statistics
 import subprocess
@@ -26,6 +25,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from report import cpu_description, render_train, write_raw
 
 SHAPES = {  # name: (preset, vocab for tiny, batch, seq_len, steps)
     "tiny": ("tiny", 4096, 8, 256, 10),
@@ -101,23 +102,13 @@ def child(spec: dict) -> dict:
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def cpu_flags() -> str:
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor()
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
-    isa = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni") if f in flags]
-    return f"{name} ({', '.join(isa)})"
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--json", help="write the raw numbers here")
+    p.add_argument("--json", default=str(Path(__file__).resolve().parent / "raw" / "train.json"),
+                   help="the raw numbers (default bench/raw/train.json; `python bench/report.py` makes the table)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
@@ -138,29 +129,19 @@ def main() -> None:
             print(f"round {r + 1}: {spec['shape']} {spec['engine']}/{spec['backend']}: "
                   f"{out['tokens_per_s']:.0f} tok/s, {out['peak_rss_mib']:.0f} MiB", file=sys.stderr, flush=True)
 
-    print(f"\nMachine: {cpu_flags()}, {torch.get_num_threads()} threads, torch {torch.__version__}, {a.dtype}. "
-          f"Medians over {a.rounds} rounds; each row its own process.\n")
-    print("| shape | batch x tokens | engine | ops | step s | tokens/s | peak RSS MiB | vs transformers tok/s | "
-          "vs transformers RSS |")
-    print("|---|---|---|---|---:|---:|---:|---:|---:|")
     table = []
     for shape in a.shapes:
         _, _, batch, seq_len, _ = SHAPES[shape]
-        rows = {}
         for i, spec in enumerate(specs):
             if spec["shape"] == shape and results[i]:
-                rows[(spec["engine"], spec["backend"])] = {
-                    k: statistics.median(r[k] for r in results[i]) for k in ("step_s", "tokens_per_s", "peak_rss_mib")}
-        base = rows.get(("transformers", "sdpa"))
-        for (engine, backend), m in rows.items():
-            speed = f"{m['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
-            rss = f"{m['peak_rss_mib'] / base['peak_rss_mib']:.2f}x" if base else "-"
-            print(f"| {shape} | {batch} x {seq_len} | {engine} | {backend} | {m['step_s']:.3f} | "
-                  f"{m['tokens_per_s']:.0f} | {m['peak_rss_mib']:.0f} | {speed} | {rss} |")
-            table.append({"shape": shape, "engine": engine, "ops": backend, **m})
-    if a.json:
-        Path(a.json).write_text(json.dumps({"machine": cpu_flags(), "dtype": a.dtype, "rows": table,
-                                            "raw": {str(i): results[i] for i in results}}, indent=1))
+                table.append({"shape": shape, "batch": batch, "seq_len": seq_len, "engine": spec["engine"],
+                              "ops": spec["backend"], **{k: statistics.median(r[k] for r in results[i])
+                                                        for k in ("step_s", "tokens_per_s", "peak_rss_mib")}})
+    data = {"kind": "train", "machine": cpu_description(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "dtype": a.dtype, "rounds": a.rounds, "rows": table,
+            "raw": {str(i): results[i] for i in results}}
+    print("\n" + render_train(data), end="")
+    write_raw(Path(a.json), data)
 
 
 if __name__ == "__main__":
