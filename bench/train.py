@@ -1,7 +1,8 @@
 """Training step speed and memory: gemma3_fast's fused ops vs the same model on the reference ops (PyTorch
 autograd) vs transformers' Gemma3ForCausalLM, same weights, dtype, threads and batch, one run.
 
-    python bench/train.py                      # tiny (8 x 256) and the 270M shape (4 x 256), fp32, ~10 minutes
+    python bench/train.py                      # tiny (8 x 256), the 270M (4 x 256 and 4 x 512), fp32, ~25 minutes
+    python bench/train.py --shapes 270m-ft --engines gemma3_fast/extension transformers/sdpa   # fine-tune rows
     python bench/train.py --shapes 270m --dtype bfloat16 --rounds 3
     python bench/train.py --json out.json      # the raw numbers elsewhere (default bench/raw/train.json)
 
@@ -31,6 +32,7 @@ from report import cpu_description, render_train, write_raw
 SHAPES = {  # name: (preset, vocab for tiny, batch, seq_len, steps)
     "tiny": ("tiny", 4096, 8, 256, 10),
     "270m": ("270m", None, 4, 256, 3),
+    "270m-ft": ("270m", None, 4, 512, 3),  # the fine-tuning issue's shape: full fine-tune at 4 x 512
 }
 ENGINES = [("gemma3_fast", "extension"), ("gemma3_fast", "reference"), ("transformers", "sdpa")]
 
@@ -106,6 +108,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--engines", nargs="+", default=[f"{e}/{b}" for e, b in ENGINES],
+                   choices=[f"{e}/{b}" for e, b in ENGINES], help="which rows to run (default: all)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--json", default=str(Path(__file__).resolve().parent / "raw" / "train.json"),
                    help="the raw numbers (default bench/raw/train.json; `python bench/report.py` makes the table)")
@@ -115,7 +119,8 @@ def main() -> None:
         print(json.dumps(child(json.loads(a.child))))
         return
 
-    specs = [dict(engine=e, backend=b, shape=s, dtype=a.dtype) for s in a.shapes for e, b in ENGINES]
+    specs = [dict(engine=e, backend=b, shape=s, dtype=a.dtype) for s in a.shapes for e, b in ENGINES
+             if f"{e}/{b}" in a.engines]
     results: dict[int, list[dict]] = {i: [] for i in range(len(specs))}
     for r in range(a.rounds):
         for i, spec in enumerate(specs):

@@ -40,24 +40,34 @@ def source_files(path: str | Path) -> list[Path]:
     return [path]
 
 
+def read_jsonl(path: Path) -> Iterator[tuple[str, object]]:
+    """("file:line", parsed object) for each non-blank line; a line that is not JSON is an error naming it."""
+    with path.open(encoding="utf-8", errors="replace") as lines:
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{path}:{n}", json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+
+
 def iter_documents(files: list[Path]) -> Iterator[str]:
-    """Every document's text, in order; a .jsonl line without a string 'text' field is an error naming it."""
+    """Every document's text, in order; a .jsonl line without a string 'text' field (or chat 'messages', whose
+    contents are joined) is an error naming it."""
     for f in files:
         if f.suffix == ".txt":
             yield f.read_text(encoding="utf-8", errors="replace")
             continue
-        with f.open(encoding="utf-8", errors="replace") as lines:
-            for n, line in enumerate(lines, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{f}:{n}: not valid JSON ({e.msg})") from None
-                if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                    raise DataError(f"{f}:{n}: expected an object with a string 'text' field, got "
-                                    f"{line.strip()[:80]!r}")
-                yield obj["text"]
+        for where, obj in read_jsonl(f):
+            if isinstance(obj, dict) and isinstance(obj.get("messages"), list):  # chat (tokenizer training)
+                yield "\n".join(m["content"] for m in obj["messages"]
+                                 if isinstance(m, dict) and isinstance(m.get("content"), str))
+                continue
+            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                raise DataError(f"{where}: expected an object with a string 'text' field, got "
+                                f"{json.dumps(obj)[:80]!r}")
+            yield obj["text"]
 
 
 def fingerprint(files: list[Path], tokenizer_json: str) -> str:
@@ -120,7 +130,24 @@ def _pieces(text: str) -> Iterator[str]:
         start = end
 
 
-class Windows:
+class EpochOrder:
+    """Items 0..count-1 visited in a random order per epoch drawn from seed: position p of the endless sequence
+    is item _index(p), so a run's data position is one integer and resuming from it replays the same order.
+    Subclasses set count and seed."""
+
+    count: int
+    seed: int
+    _epoch, _order = -1, None
+
+    def _index(self, position: int) -> int:
+        epoch = position // self.count
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._order = epoch, torch.randperm(self.count, generator=g)
+        return int(self._order[position % self.count])
+
+
+class Windows(EpochOrder):
     """Training windows of seq_len + 1 tokens (inputs and shifted targets) cut from a token array at stride
     seq_len, visited in a random order per epoch drawn from `seed`. Batch i is windows [i*B, (i+1)*B) of that
     endless sequence, so a run's data position is one integer and resuming from it replays the same order.
@@ -135,7 +162,6 @@ class Windows:
         if self.count < 1:
             raise DataError(f"{name}: {len(tokens)} tokens is less than one training window of --seq-len + 1 = "
                             f"{seq_len + 1} tokens; use more data or a smaller --seq-len")
-        self._epoch, self._order = -1, None
 
     def window(self, i: int) -> torch.Tensor:
         s = i * self.seq_len
@@ -144,13 +170,6 @@ class Windows:
         row = np.empty(self.seq_len + 1, dtype=np.int64)
         row[0], row[1:] = self.bos_id, self.tokens[s:s + self.seq_len]
         return torch.from_numpy(row)
-
-    def _index(self, position: int) -> int:
-        epoch = position // self.count
-        if epoch != self._epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._epoch, self._order = epoch, torch.randperm(self.count, generator=g)
-        return int(self._order[position % self.count])
 
     def batch(self, position: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets) [batch_size, seq_len] of windows position .. position + batch_size - 1."""

@@ -53,10 +53,10 @@ def tied_embedding(ids: torch.Tensor, weight: torch.Tensor, tied: TiedWeightGrad
 
 class _ChunkedHeadLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ops, ignore_index, tied, need_grad):
+    def forward(ctx, hidden, weight, targets, ops, ignore_index, tied, need_grad, normalizer):
         n, vocab = hidden.shape[0], weight.shape[0]
         valid = int((targets != ignore_index).sum())
-        scale = 1.0 / max(valid, 1)
+        scale = 1.0 / (normalizer if normalizer is not None else max(valid, 1))
         w = weight.to(hidden.dtype)  # bf16 training: the head in bf16, from the fp32 master weight
         rows = max(1, min(n, CHUNK_ELEMENTS // vocab))
         buf = torch.empty(vocab * rows, dtype=torch.float32, device=hidden.device)
@@ -94,14 +94,18 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             ctx.tied.grad_weight, grad_weight = grad_weight, None
         else:
             grad_weight = grad_weight.to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ops,
-                          ignore_index: int = IGNORE_INDEX, tied: TiedWeightGrad | None = None) -> torch.Tensor:
+                          ignore_index: int = IGNORE_INDEX, tied: TiedWeightGrad | None = None,
+                          normalizer: float | None = None) -> torch.Tensor:
     """mean over non-ignored rows of cross_entropy(hidden @ weight^T, targets): hidden [N, H], weight [V, H],
     targets [N] (ignore_index = not counted). `ops` supplies softmax_cross_entropy_ (ops.training_ops). With
-    `tied`, the weight's gradient is handed to the tied_embedding of the same forward instead."""
+    `tied`, the weight's gradient is handed to the tied_embedding of the same forward instead. normalizer: the
+    sum is divided by it instead of by the number of counted rows."""
+    if normalizer is not None and not normalizer > 0:
+        raise ValueError(f"chunked_cross_entropy: normalizer must be > 0, got {normalizer}")
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"chunked_cross_entropy: hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} "
                          "must be [N, H] and [V, H]")
@@ -110,4 +114,5 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     # Whether to take the gradients in the forward is decided here: inside forward() grad mode is always off,
     # and ctx.needs_input_grad is True under torch.no_grad() too (evaluation would pay for two more GEMMs).
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    return _ChunkedHeadLoss.apply(hidden, weight, targets.long().contiguous(), ops, ignore_index, tied, need_grad)
+    return _ChunkedHeadLoss.apply(hidden, weight, targets.long().contiguous(), ops, ignore_index, tied, need_grad,
+                                  normalizer)

@@ -167,22 +167,33 @@ class Gemma3Model(nn.Module):
 
     # -- training ------------------------------------------------------------------------------------
     def hidden_states(self, input_ids: torch.Tensor, ops=None, compute_dtype: torch.dtype | None = None,
-                      tied: TiedWeightGrad | None = None) -> torch.Tensor:
+                      tied: TiedWeightGrad | None = None, seq_lens: list[int] | None = None) -> torch.Tensor:
         """The training forward: ids [B, T], every row a sequence from position 0, no cache. Returns the last
         block's output with the final norm applied, [B, T, hidden], differentiable. The blocks are
         reference_ops.decoder_block, the composition decoder_forward runs, here with `ops` (default:
         ops.training_ops for this model's backend: the extension's ops with their C++ backward) and causal
         attention over the batch. compute_dtype=bfloat16 runs the activations in bf16 from fp32 weights (each
-        weight cast per use; its gradient lands in fp32)."""
+        weight cast per use; its gradient lands in fp32).
+
+        seq_lens (packed sequences, batch 1): the row is several sequences end to end, of these lengths; each
+        has its own positions from 0 and attends only to itself, so its outputs are the ones it gets alone."""
         if input_ids.dim() != 2:
             raise ValueError(f"hidden_states takes token ids [batch, tokens], got shape {tuple(input_ids.shape)}")
         c = self.config
-        if input_ids.shape[1] > c.max_position_embeddings:
-            raise ValueError(f"sequence of {input_ids.shape[1]} tokens exceeds the model's context of "
+        if seq_lens is not None:
+            if input_ids.shape[0] != 1 or sum(seq_lens) != input_ids.shape[1] or min(seq_lens, default=0) < 1:
+                raise ValueError(f"seq_lens {list(seq_lens)[:8]}... must be positive lengths summing to the tokens of "
+                                 f"a single row, got input_ids {tuple(input_ids.shape)}")
+        longest = max(seq_lens) if seq_lens is not None else input_ids.shape[1]
+        if longest > c.max_position_embeddings:
+            raise ValueError(f"sequence of {longest} tokens exceeds the model's context of "
                              f"{c.max_position_embeddings}")
         ops = ops or ops_module.training_ops(self.backend, self.device)
         dtype = compute_dtype or self.dtype
-        positions = torch.arange(input_ids.shape[1], device=self.device)
+        if seq_lens is None:
+            positions = torch.arange(input_ids.shape[1], device=self.device)
+        else:
+            positions = torch.cat([torch.arange(n, device=self.device) for n in seq_lens])
         tables = {theta: rope_cos_sin(positions, inv) for theta, inv in
                   (("local", self.inv_freq_local), ("global", self.inv_freq_global))}
         h = tied_embedding(input_ids, self.embed_tokens.weight, tied or TiedWeightGrad())
@@ -194,15 +205,22 @@ class Gemma3Model(nn.Module):
             cos, sin = tables["local" if block.window else "global"]
 
             def attend(q, k, v, window=block.window, scale=block.scale):
-                return ops.causal_attention(q, k, v, window, scale)
+                if seq_lens is None:
+                    return ops.causal_attention(q, k, v, window, scale)
+                return torch.cat([ops.causal_attention(qs, ks, vs, window, scale) for qs, ks, vs in
+                                  zip(q.split(seq_lens, 1), k.split(seq_lens, 1), v.split(seq_lens, 1))], 1)
 
             h, y = decoder_block(ops, h, y, cos, sin, attend, *block.op_args(next_norm), block.hq, block.eps)
         return y
 
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, ops=None,
-             compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+             compute_dtype: torch.dtype | None = None, seq_lens: list[int] | None = None,
+             normalizer: float | None = None) -> torch.Tensor:
         """Mean next-token cross-entropy of ids [B, T] against targets [B, T] (IGNORE_INDEX = not counted): the
-        training forward, then the output head and the loss in chunks of rows (loss.py), never the whole logits."""
+        training forward, then the output head and the loss in chunks of rows (loss.py), never the whole logits.
+        Only the counted rows go through the head (fine-tuning counts only the assistant's tokens). seq_lens:
+        packed sequences (see hidden_states). normalizer: divide the summed loss by this instead of the number
+        of counted tokens (a step's micro-batches and ranks then weigh every token the same)."""
         if targets.shape != input_ids.shape:
             raise ValueError(f"targets {tuple(targets.shape)} must have the shape of input_ids "
                              f"{tuple(input_ids.shape)}")
@@ -210,8 +228,12 @@ class Gemma3Model(nn.Module):
             raise ValueError("an int8-quantized model cannot be trained: load it without --quantize")
         ops = ops or ops_module.training_ops(self.backend, self.device)
         tied = TiedWeightGrad() if self.lm_head.weight is self.embed_tokens.weight else None
-        y = self.hidden_states(input_ids, ops, compute_dtype, tied)
-        return chunked_cross_entropy(y.flatten(0, 1), self.lm_head.weight, targets.flatten(), ops, IGNORE_INDEX, tied)
+        y = self.hidden_states(input_ids, ops, compute_dtype, tied, seq_lens).flatten(0, 1)
+        targets = targets.flatten().to(y.device)
+        counted = targets != IGNORE_INDEX
+        if not bool(counted.all()):
+            y, targets = y[counted], targets[counted]
+        return chunked_cross_entropy(y, self.lm_head.weight, targets, ops, IGNORE_INDEX, tied, normalizer)
 
     def _block_plan(self) -> _BlockPlan:
         plan = self.__dict__.get("_plan")

@@ -8,6 +8,15 @@ decoupled weight decay on the projection matrices only), linear warmup then cosi
 scheduler step per optimizer step, global-norm clipping, gradient accumulation. --dtype bfloat16 runs the
 activations in bf16 from fp32 master weights (no loss scaling needed: bf16 has fp32's range).
 
+Fine-tuning: a .jsonl of {"messages": [...]} chat examples is rendered with generate --chat's template and
+only the assistant turns count in the loss (sft.py); examples are packed into rows of --seq-len tokens, each
+attending only to itself. --patience stops when the validation loss stops improving.
+
+Distributed: under `torchrun --nproc_per_node N [--nnodes M ...] -m gemma3_fast.train ...` every process takes
+its share of each global batch (N x --batch-size x --grad-accum rows), DistributedDataParallel averages the
+gradients (gloo), and rank 0 alone writes checkpoints and logs. Each step's loss is normalized by the number of
+counted tokens in the whole global batch, so N processes compute the step one process would.
+
 The output folder is a Hugging Face checkpoint (config.json, model.safetensors, tokenizer.json) that
 `python -m gemma3_fast.generate --model DIR` and transformers load; best/ holds the weights of the lowest
 validation loss; train_state.pt is what --resume continues from; log.jsonl has one line per optimizer step;
@@ -17,6 +26,7 @@ loss.png plots it at the end.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -31,7 +41,9 @@ from . import ops as ops_module
 from .checkpoint import STATE_FILE, CheckpointError, load_train_state, save_hf_folder, save_train_state
 from .config import ConfigError, Gemma3Config
 from .data import DataError, Windows, source_files, tokenize_to_memmap, train_tokenizer
+from .loss import IGNORE_INDEX
 from .model import Gemma3Model
+from .sft import PackedExamples, is_chat_data, read_examples
 from .tokenizer import GemmaTokenizer
 from .weights import WeightsError
 
@@ -48,7 +60,7 @@ PRESETS = {
     "270m": {},
 }
 # What --resume may change; everything else comes from the saved run.
-RESUME_OVERRIDES = ("max_steps", "eval_every", "stop_after", "quiet", "backend")
+RESUME_OVERRIDES = ("max_steps", "eval_every", "stop_after", "quiet", "backend", "patience")
 
 
 class TrainError(ValueError):
@@ -58,7 +70,8 @@ class TrainError(ValueError):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m gemma3_fast.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", help="a .txt file, a folder of .txt/.jsonl files, or a .jsonl file with a 'text' field")
+    p.add_argument("--data", help="a .txt file, a folder of .txt/.jsonl files, or a .jsonl file with a 'text' field "
+                                  "or chat examples ('messages': only the assistant turns are trained on)")
     p.add_argument("--val-data", help="validation data, same forms (default: the last 5%% of --data's tokens)")
     p.add_argument("--out", required=True, help="output folder: the checkpoint, best/, log.jsonl, loss.png")
     p.add_argument("--config", help="tiny | small | 270m | PATH/config.json (default tiny; not with --init)")
@@ -76,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=None,
                    help="validate and save every N optimizer steps (default 100)")
     p.add_argument("--eval-batches", type=int, default=20, help="validation micro-batches per evaluation")
+    p.add_argument("--patience", type=int, default=None,
+                   help="stop when N evaluations in a row do not improve the validation loss (0 = never)")
     p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decoupled weight decay (projections)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="global gradient norm limit (0 = off)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
@@ -97,6 +112,9 @@ def check_args(a: argparse.Namespace) -> None:
     a.eval_every = 100 if a.eval_every is None else a.eval_every
     if a.min_lr is None:
         a.min_lr = a.lr / 10
+    a.patience = a.patience or 0
+    if a.patience < 0:
+        raise TrainError(f"--patience must be >= 0 (0 = off), got {a.patience}")
     for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches"):
         if getattr(a, name) < 1:
             raise TrainError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
@@ -132,6 +150,8 @@ def resolve_tokenizer(spec: str | None, init_tokenizer: GemmaTokenizer | None, f
 
         return GemmaTokenizer.from_file(default_model_dir(quiet=quiet) / "tokenizer.json")
     if spec.startswith("train:"):
+        if out.joinpath("tokenizer.json").is_file() and os.environ.get("RANK", "0") != "0":
+            return GemmaTokenizer.from_file(out / "tokenizer.json")  # rank 0 trained it (set_up runs there first)
         try:
             vocab = int(spec[len("train:"):])
         except ValueError:
@@ -170,8 +190,49 @@ def init_weights(model: Gemma3Model, seed: int) -> None:
 class Run:
     model: Gemma3Model
     tokenizer: GemmaTokenizer
-    train: Windows
-    val: Windows
+    train: Windows | PackedExamples
+    val: Windows | PackedExamples
+
+
+class Dist:
+    """This process's place in a torchrun job (rank 0 of 1 without one)."""
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        if self.world > 1:
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                # gloo: training runs on the CPU (nccl would be the choice for GPU tensors).
+                dist.init_process_group("gloo")
+            self.rank, self.world = dist.get_rank(), dist.get_world_size()
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, *values: float) -> list[float]:
+        """Each value summed over the processes."""
+        if self.world == 1:
+            return list(values)
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
 
 
 def set_up(a, out: Path, state: dict | None = None) -> Run:
@@ -206,6 +267,8 @@ def set_up(a, out: Path, state: dict | None = None) -> Run:
     if a.seq_len > config.max_position_embeddings:
         raise TrainError(f"--seq-len {a.seq_len} exceeds the model's context of {config.max_position_embeddings} "
                          "tokens (max_position_embeddings)")
+    if is_chat_data(files) or (a.val_data is not None and is_chat_data(source_files(a.val_data))):
+        return set_up_examples(a, files, model, tokenizer)
     (out / "tokens").mkdir(exist_ok=True)
     tokens = tokenize_to_memmap(files, tokenizer, out / "tokens" / "train.bin", a.quiet)
     if a.val_data is not None:
@@ -220,6 +283,22 @@ def set_up(a, out: Path, state: dict | None = None) -> Run:
     bos = tokenizer.bos_id
     return Run(model, tokenizer, Windows(tokens, a.seq_len, a.seed, str(a.data), bos),
                Windows(val_tokens, a.seq_len, a.seed, str(a.val_data or a.data) + " (validation)", bos))
+
+
+def set_up_examples(a, files, model: Gemma3Model, tokenizer: GemmaTokenizer) -> Run:
+    """Fine-tuning data: chat (and text) examples, packed. Validation: --val-data, else the last 5% of the
+    examples (at least one)."""
+    examples = read_examples(files, tokenizer, a.seq_len, a.quiet, str(a.data))
+    if a.val_data is not None:
+        val = read_examples(source_files(a.val_data), tokenizer, a.seq_len, a.quiet, str(a.val_data))
+    else:
+        if len(examples) < 2:
+            raise DataError(f"{a.data}: one example cannot be split into training and validation; give --val-data "
+                            "or more examples")
+        n_val = max(1, len(examples) // 20)
+        examples, val = examples[:-n_val], examples[-n_val:]
+    return Run(model, tokenizer, PackedExamples(examples, a.seq_len, a.seed, str(a.data)),
+               PackedExamples(val, a.seq_len, a.seed, str(a.val_data or a.data) + " (validation)"))
 
 
 def make_optimizer(model: Gemma3Model, a) -> torch.optim.AdamW:
@@ -243,13 +322,29 @@ def check_out_dir(out: Path) -> None:
 
 
 # -- the loop --------------------------------------------------------------------------------------------
+def unpack(batch) -> tuple[torch.Tensor, torch.Tensor, list[int] | None]:
+    """(ids, targets, seq_lens): Windows batches have no segments, PackedExamples batches do."""
+    return batch if len(batch) == 3 else (*batch, None)
+
+
+def counted(targets: torch.Tensor) -> int:
+    return int((targets != IGNORE_INDEX).sum())
+
+
 @torch.no_grad()
-def evaluate(model: Gemma3Model, val: Windows, a, ops, dtype) -> float:
+def evaluate(model: Gemma3Model, val, a, ops, dtype, dist: Dist) -> float:
+    """Mean loss per counted token over the first --eval-batches validation micro-batches (split between the
+    processes, summed over all of them)."""
     total, n = 0.0, 0
-    for x, y in val.in_order(a.batch_size, a.eval_batches):
-        total += float(model.loss(x, y, ops, dtype)) * y.numel()
-        n += y.numel()
-    return total / n
+    for i, batch in enumerate(val.in_order(a.batch_size, a.eval_batches)):
+        if i % dist.world != dist.rank:
+            continue
+        x, y, seq_lens = unpack(batch)
+        if counted(y):
+            total += float(model.loss(x, y, ops, dtype, seq_lens, normalizer=1.0))
+            n += counted(y)
+    total, n = dist.sum(total, n)
+    return total / max(n, 1)
 
 
 def plot_losses(log_path: Path, png: Path) -> None:
@@ -276,102 +371,162 @@ def plot_losses(log_path: Path, png: Path) -> None:
     os.replace(tmp, png)
 
 
+class _StepLoss(torch.nn.Module):
+    """model.loss as a module's forward, for DistributedDataParallel to wrap (it syncs what forward runs)."""
+
+    def __init__(self, model: Gemma3Model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, y, ops, dtype, seq_lens, normalizer):
+        return self.model.loss(x, y, ops, dtype, seq_lens, normalizer)
+
+
 def train(a: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
+    dist = Dist()
+    try:
+        return _train(a, dist, tqdm)
+    finally:
+        dist.close()
+
+
+def _train(a: argparse.Namespace, dist: Dist, tqdm) -> dict:
     out = Path(a.out)
     state = None
     if a.resume:
         state = load_train_state(out / STATE_FILE)
         saved = dict(state["args"])
         for key in RESUME_OVERRIDES:
-            if getattr(a, key) is not None:
+            if getattr(a, key, None) is not None:
                 saved[key] = getattr(a, key)
         saved["stop_after"] = a.stop_after  # for this invocation only
-        a = argparse.Namespace(**{**saved, "resume": True, "out": str(out)})
+        a = argparse.Namespace(**{"patience": 0, **saved, "resume": True, "out": str(out)})
     check_args(a)
-    check_out_dir(out)
-    run = set_up(a, out, state)
+    quiet = a.quiet or not dist.main
+    a_local = argparse.Namespace(**{**vars(a), "quiet": quiet})
+    if dist.main:
+        check_out_dir(out)
+        run = set_up(a_local, out, state)  # tokenizer training and tokenizing happen here, once
+        dist.barrier()
+    else:
+        dist.barrier()
+        run = set_up(a_local, out, state)
     model, dtype = run.model, torch.bfloat16 if a.dtype == "bfloat16" else torch.float32
     ops = ops_module.training_ops(a.backend, "cpu")
     opt = make_optimizer(model, a)
-    step, position, best = 0, 0, float("inf")
+    step, position, best, tokens_seen, stale = 0, 0, float("inf"), 0, 0
     log_path = out / "log.jsonl"
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         step, position, best = state["step"], state["position"], state["best_val"]
+        tokens_seen, stale = state.get("tokens", 0), state.get("stale_evals", 0)
         torch.set_rng_state(state["rng"])
-        kept = [line for line in (log_path.read_text().splitlines() if log_path.is_file() else [])
-                if line.strip() and json.loads(line)["step"] <= step]
-        log_path.write_text("".join(line + "\n" for line in kept))
-    else:
+        if dist.main:
+            kept = [line for line in (log_path.read_text().splitlines() if log_path.is_file() else [])
+                    if line.strip() and json.loads(line)["step"] <= step]
+            log_path.write_text("".join(line + "\n" for line in kept))
+    elif dist.main:
         log_path.write_text("")
         (out / "run.json").write_text(json.dumps(vars(a), indent=2))
+    step_loss = _StepLoss(model)
+    if dist.world > 1:  # the gradients are averaged over the processes during backward, in buckets
+        step_loss = torch.nn.parallel.DistributedDataParallel(step_loss, broadcast_buffers=False)
 
     params = [p for group in opt.param_groups for p in group["params"]]
-    tokens_per_step = a.batch_size * a.seq_len * a.grad_accum
+    rows_per_step = dist.world * a.batch_size * a.grad_accum
     stop_at = a.max_steps if a.stop_after is None else min(a.max_steps, step + a.stop_after)
-    if not a.quiet:
+    if not quiet:
         n_params = sum(p.numel() for p in params)
-        print(f"gemma3_fast.train: {n_params / 1e6:.1f}M parameters, {len(run.train.tokens):,} training tokens "
-              f"({run.train.count:,} windows of {a.seq_len}), {tokens_per_step:,} tokens per step, {ops.name} ops, "
-              f"{a.dtype}, {torch.get_num_threads()} threads", file=sys.stderr)
+        data = (f"{run.train.tokens if isinstance(run.train, PackedExamples) else len(run.train.tokens):,} training "
+                f"tokens ({run.train.count:,} " + ("packed rows" if isinstance(run.train, PackedExamples) else
+                                                   "windows") + f" of {a.seq_len})")
+        procs = f", {dist.world} processes" if dist.world > 1 else ""
+        print(f"gemma3_fast.train: {n_params / 1e6:.1f}M parameters, {data}, {rows_per_step:,} rows per step, "
+              f"{ops.name} ops, {a.dtype}, {torch.get_num_threads()} threads{procs}", file=sys.stderr)
 
     def save(val_loss: float | None) -> None:
-        meta = {"step": step, "tokens": step * tokens_per_step}
+        if not dist.main:
+            return
+        meta = {"step": step, "tokens": tokens_seen}
         save_hf_folder(model, run.tokenizer, out, meta)
         if val_loss is not None and val_loss < best:
             save_hf_folder(model, run.tokenizer, out / "best", {**meta, "val_loss": val_loss})
         save_train_state(out / STATE_FILE, {
             "step": step, "position": position, "model": model.state_dict(), "optimizer": opt.state_dict(),
             "rng": torch.get_rng_state(), "best_val": min(best, val_loss if val_loss is not None else best),
-            "args": vars(a), "config": model.config.to_hf_dict(), "tokenizer": run.tokenizer.tk.to_str()})
+            "tokens": tokens_seen, "stale_evals": stale, "args": vars(a), "config": model.config.to_hf_dict(),
+            "tokenizer": run.tokenizer.tk.to_str()})
 
-    bar = tqdm(total=a.max_steps, initial=step, disable=a.quiet, desc="training", unit="step", dynamic_ncols=True)
-    last = {}
-    with open(log_path, "a") as log:
+    bar = tqdm(total=a.max_steps, initial=step, disable=quiet, desc="training", unit="step", dynamic_ncols=True)
+    last, stopped_early = {}, False
+    with open(log_path, "a") if dist.main else contextlib.nullcontext() as log:
         while step < stop_at:
             t0 = time.perf_counter()
             lr = lr_at(step, a)
             for group in opt.param_groups:
                 group["lr"] = lr
+            # This process's micro-batches: micro-batch m of the global step is rows [m*N*B, (m+1)*N*B) of it,
+            # of which process r takes [(m*N + r)*B, (m*N + r + 1)*B).
+            batches = [unpack(run.train.batch(position + (m * dist.world + dist.rank) * a.batch_size, a.batch_size))
+                       for m in range(a.grad_accum)]
+            position += rows_per_step
+            n_counted, n_tokens = dist.sum(sum(counted(y) for _, y, _ in batches),
+                                           sum(x.numel() for x, _, _ in batches))
+            # Each process's share of sum(loss) / (counted tokens of the global step); DDP averages the
+            # gradients over the N processes, hence the factor N.
+            normalizer = max(n_counted, 1) / dist.world
             loss_sum = 0.0
-            for _ in range(a.grad_accum):
-                x, y = run.train.batch(position, a.batch_size)
-                position += a.batch_size
-                loss = model.loss(x, y, ops, dtype)
-                (loss / a.grad_accum).backward()
+            for m, (x, y, seq_lens) in enumerate(batches):
+                sync = m == len(batches) - 1 or dist.world == 1
+                with contextlib.nullcontext() if sync else step_loss.no_sync():
+                    loss = step_loss(x, y, ops, dtype, seq_lens, normalizer)
+                    loss.backward()
                 loss_sum += loss.detach().item()
+            (loss_sum,) = dist.sum(loss_sum / dist.world)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, a.grad_clip if a.grad_clip > 0 else float("inf"))
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
+            tokens_seen += int(n_tokens)
             dt = time.perf_counter() - t0
-            last = {"step": step, "loss": loss_sum / a.grad_accum, "lr": lr, "tokens": step * tokens_per_step,
-                    "grad_norm": float(grad_norm), "tokens_per_s": tokens_per_step / dt}
+            last = {"step": step, "loss": loss_sum, "lr": lr, "tokens": tokens_seen, "grad_norm": float(grad_norm),
+                    "tokens_per_s": n_tokens / dt}
             if not math.isfinite(last["loss"]):
                 raise TrainError(f"step {step}: the loss is {last['loss']} (diverged); lower --lr or raise "
                                  "--warmup-steps")
             val_loss = None
             if step % a.eval_every == 0 or step == a.max_steps:
-                val_loss = last["val_loss"] = evaluate(model, run.val, a, ops, dtype)
-            log.write(json.dumps(last) + "\n")
-            log.flush()
+                val_loss = last["val_loss"] = evaluate(model, run.val, a, ops, dtype, dist)
+                stale = 0 if val_loss < best else stale + 1
+                stopped_early = a.patience > 0 and stale >= a.patience
+            if dist.main:
+                log.write(json.dumps(last) + "\n")
+                log.flush()
             bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{last['tokens_per_s']:.0f}",
                             **({"val": f"{val_loss:.3f}"} if val_loss is not None else {}))
             bar.update(1)
-            if val_loss is not None or step == stop_at:
+            if val_loss is not None or step == stop_at or stopped_early:
                 save(val_loss)
                 best = min(best, val_loss) if val_loss is not None else best
+            if stopped_early:
+                break
     bar.close()
-    if log_path.stat().st_size:
+    if dist.main and log_path.stat().st_size:
         plot_losses(log_path, out / "loss.png")
-    if not a.quiet:
-        done = "done" if step >= a.max_steps else f"stopped at step {step} of {a.max_steps} (continue with --resume)"
+    if not quiet:
+        if stopped_early:
+            done = (f"stopped early at step {step}: the validation loss did not improve in {a.patience} "
+                    "evaluations (--patience)")
+        elif step >= a.max_steps:
+            done = "done"
+        else:
+            done = f"stopped at step {step} of {a.max_steps} (continue with --resume)"
         print(f"gemma3_fast.train: {done}; checkpoint {out}, best validation loss {best:.4f} in {out / 'best'}",
               file=sys.stderr)
-    return last
+    return {**last, "stopped_early": stopped_early}
 
 
 def main(argv: list[str] | None = None) -> int:
