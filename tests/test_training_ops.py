@@ -51,7 +51,9 @@ def check_backward(ext_fn, ref_fn, inputs, grad_outputs, dtype, const=()):
         assert g.dtype == w.dtype
         kernel_err = (g.float() - w32).abs().max().item()
         torch_err = (w.float() - w32).abs().max().item()
-        assert kernel_err <= 2 * torch_err + 2 ** -8 * w32.abs().max().item(), (kernel_err, torch_err)
+        # + 1e-6: where the exact gradient is 0 (one key: softmax is 1 whatever the score), torch's bf16 path
+        # gives exactly 0 and a kernel's fp32 sums leave a rounding residue (~2e-7 on the scalar build).
+        assert kernel_err <= 2 * torch_err + 2 ** -8 * w32.abs().max().item() + 1e-6, (kernel_err, torch_err)
 
 
 # -- norms ---------------------------------------------------------------------------------------------
