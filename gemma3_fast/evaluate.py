@@ -18,10 +18,8 @@ import os
 import sys
 from pathlib import Path
 
-import torch
 
 from .data import DataError, read_jsonl
-from .loss import IGNORE_INDEX
 
 
 def read_tasks(path: Path) -> list[tuple[list[dict], str]]:
@@ -60,16 +58,13 @@ def field_scores(answer: str, reference: str) -> tuple[int, int] | None:
     return sum(1 for k, v in ref.items() if k in got and got[k] == v), len(ref)
 
 
-@torch.no_grad()
 def validation_loss(lm, path: Path, quiet: bool) -> float:
     from .sft import PackedExamples, read_examples
+    from .train import loss_sums
 
     seq_len = min(lm.config.max_position_embeddings, 4096)
     data = PackedExamples(read_examples([path], lm.tokenizer, seq_len, quiet, str(path)), seq_len, 0, str(path))
-    total, n = 0.0, 0
-    for ids, targets, seq_lens in data.in_order(1, data.count):
-        total += float(lm.model.loss(ids, targets, seq_lens=seq_lens, normalizer=1.0))
-        n += int((targets != IGNORE_INDEX).sum())
+    total, n = loss_sums(lm.model, data.in_order(1, data.count))
     return total / max(n, 1)
 
 

@@ -108,7 +108,7 @@ def read_examples(files: list[Path], tokenizer, seq_len: int, quiet: bool = Fals
     counted whole. Examples longer than seq_len + 1 tokens are truncated, with one warning that counts them."""
     from tqdm import tqdm
 
-    examples, truncated, longest = [], 0, 0
+    examples, read, truncated, emptied, longest = [], 0, 0, 0, 0
     for f in tqdm(files, desc=f"reading {name}", disable=quiet or len(files) < 2):
         rows = [(f"{f}", {"text": f.read_text(encoding="utf-8", errors="replace")})] if f.suffix == ".txt" \
             else read_jsonl(f)
@@ -120,16 +120,20 @@ def read_examples(files: list[Path], tokenizer, seq_len: int, quiet: bool = Fals
                 counted = [False] + [True] * (len(ids) - 1)
             else:
                 raise DataError(f"{where}: expected an object with 'messages' (a chat example) or a string 'text'")
+            read += 1
             if len(ids) > seq_len + 1:
                 truncated += 1
                 longest = max(longest, len(ids))
                 ids, counted = ids[:seq_len + 1], counted[:seq_len + 1]
             if any(counted[1:]):
                 examples.append(make_example(ids, counted))
+            else:  # the cut removed every counted token (a long prompt): nothing left to learn from
+                emptied += 1
     if truncated and not quiet:
-        print(f"gemma3_fast.train: warning: {truncated} of {len(examples)} examples of {name} are longer than "
-              f"--seq-len + 1 = {seq_len + 1} tokens and were truncated (the longest: {longest} tokens); raise "
-              "--seq-len to keep them whole", file=sys.stderr)
+        left_out = f"; {emptied} of them lost their whole answer and were left out" if emptied else ""
+        print(f"gemma3_fast.train: warning: {truncated} of {read} examples of {name} are longer than "
+              f"--seq-len + 1 = {seq_len + 1} tokens and were truncated (the longest: {longest} tokens){left_out}; "
+              "raise --seq-len to keep them whole", file=sys.stderr)
     if not examples:
         raise DataError(f"{name}: no examples with tokens to train on")
     return examples

@@ -142,7 +142,9 @@ def lr_at(step: int, a) -> float:
 
 
 # -- setting a run up ------------------------------------------------------------------------------------
-def resolve_tokenizer(spec: str | None, init_tokenizer: GemmaTokenizer | None, files, out: Path, quiet: bool):
+def resolve_tokenizer(spec: str | None, init_tokenizer: GemmaTokenizer | None, files, out: Path, quiet: bool,
+                      trained: bool = False):
+    """trained: a train:VOCAB tokenizer is already in out/ (torchrun's rank 0 made it): load it."""
     if spec is None:
         return init_tokenizer if init_tokenizer is not None else resolve_tokenizer("default", None, files, out, quiet)
     if spec == "default":
@@ -150,8 +152,8 @@ def resolve_tokenizer(spec: str | None, init_tokenizer: GemmaTokenizer | None, f
 
         return GemmaTokenizer.from_file(default_model_dir(quiet=quiet) / "tokenizer.json")
     if spec.startswith("train:"):
-        if out.joinpath("tokenizer.json").is_file() and os.environ.get("RANK", "0") != "0":
-            return GemmaTokenizer.from_file(out / "tokenizer.json")  # rank 0 trained it (set_up runs there first)
+        if trained:
+            return GemmaTokenizer.from_file(out / "tokenizer.json")
         try:
             vocab = int(spec[len("train:"):])
         except ValueError:
@@ -235,9 +237,10 @@ class Dist:
             dist.destroy_process_group()
 
 
-def set_up(a, out: Path, state: dict | None = None) -> Run:
+def set_up(a, out: Path, state: dict | None = None, main: bool = True) -> Run:
     """The run's model, tokenizer and data. With a saved state (--resume): the model's shape and the tokenizer
-    the run started with; the caller loads the weights."""
+    the run started with; the caller loads the weights. main=False (torchrun's other ranks, after rank 0's
+    set_up): reuse the tokenizer rank 0 trained."""
     files = source_files(a.data)
     init_model = init_tok = None
     if a.init is not None and state is None:
@@ -250,7 +253,7 @@ def set_up(a, out: Path, state: dict | None = None) -> Run:
 
         tokenizer = GemmaTokenizer(Tokenizer.from_str(state["tokenizer"]), source=str(out / STATE_FILE))
     else:
-        tokenizer = resolve_tokenizer(a.tokenizer, init_tok, files, out, a.quiet)
+        tokenizer = resolve_tokenizer(a.tokenizer, init_tok, files, out, a.quiet, trained=not main)
     if state is not None:
         model = Gemma3Model(Gemma3Config.from_hf_dict(state["config"], source=str(out / STATE_FILE)), a.backend)
     elif init_model is not None:
@@ -332,18 +335,23 @@ def counted(targets: torch.Tensor) -> int:
 
 
 @torch.no_grad()
+def loss_sums(model: Gemma3Model, batches, ops=None, dtype=None) -> tuple[float, int]:
+    """(summed loss, counted tokens) over batches of Windows or PackedExamples."""
+    total, n = 0.0, 0
+    for batch in batches:
+        x, y, seq_lens = unpack(batch)
+        k = counted(y)
+        if k:
+            total += float(model.loss(x, y, ops, dtype, seq_lens, normalizer=1.0))
+            n += k
+    return total, n
+
+
 def evaluate(model: Gemma3Model, val, a, ops, dtype, dist: Dist) -> float:
     """Mean loss per counted token over the first --eval-batches validation micro-batches (split between the
     processes, summed over all of them)."""
-    total, n = 0.0, 0
-    for i, batch in enumerate(val.in_order(a.batch_size, a.eval_batches)):
-        if i % dist.world != dist.rank:
-            continue
-        x, y, seq_lens = unpack(batch)
-        if counted(y):
-            total += float(model.loss(x, y, ops, dtype, seq_lens, normalizer=1.0))
-            n += counted(y)
-    total, n = dist.sum(total, n)
+    mine = (b for i, b in enumerate(val.in_order(a.batch_size, a.eval_batches)) if i % dist.world == dist.rank)
+    total, n = dist.sum(*loss_sums(model, mine, ops, dtype))
     return total / max(n, 1)
 
 
@@ -412,7 +420,7 @@ def _train(a: argparse.Namespace, dist: Dist, tqdm) -> dict:
         dist.barrier()
     else:
         dist.barrier()
-        run = set_up(a_local, out, state)
+        run = set_up(a_local, out, state, main=False)
     model, dtype = run.model, torch.bfloat16 if a.dtype == "bfloat16" else torch.float32
     ops = ops_module.training_ops(a.backend, "cpu")
     opt = make_optimizer(model, a)
