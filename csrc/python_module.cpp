@@ -1,10 +1,12 @@
 // The Python module gemma3_fast._C. Importing it loads this library, which runs the op registrations (ops.cpp and
-// the TORCH_LIBRARY_IMPL blocks). It also holds what is not an op: CUDA_BUILT, DecodeSession (the decode step
-// without the per-step cost of an op call from Python: see cpu/decode_session.h) and its fused head argmax.
+// the TORCH_LIBRARY_IMPL blocks). It also holds what is not an op: CUDA_BUILT, SIMD, OPENMP, DecodeSession (the
+// decode step without the per-step cost of an op call from Python: see cpu/decode_session.h) and its fused head
+// argmax.
 #include <torch/extension.h>
 
 #include "cpu/decode_session.h"
 #include "cpu/kernels.h"
+#include "cpu/vec.h"
 
 namespace {
 
@@ -27,6 +29,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("CUDA_BUILT") = 1;
 #else
   m.attr("CUDA_BUILT") = 0;
+#endif
+  // Which vector paths this build compiled (the -march it was built for, not the CPU it runs on), and whether
+  // it has OpenMP (without it, at::parallel_for runs every kernel on one thread).
+#if defined(__AVX512F__)
+  m.attr("SIMD") = "avx512";
+#elif defined(GEMMA3_AVX2)
+  m.attr("SIMD") = "avx2";
+#elif defined(GEMMA3_NEON)
+  m.attr("SIMD") = "neon";
+#else
+  m.attr("SIMD") = "scalar";
+#endif
+#ifdef _OPENMP
+  m.attr("OPENMP") = true;
+#else
+  m.attr("OPENMP") = false;
 #endif
   pybind11::class_<DecodeSession>(m, "DecodeSession",
                                   "decoder_forward's arguments for one model and KV cache, bound once (CPU only)")

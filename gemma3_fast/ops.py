@@ -34,9 +34,15 @@ try:
 except ImportError as e:  # package used from a checkout without a build, or a broken build
     EXTENSION_AVAILABLE = False
     EXTENSION_ERROR = str(e)
+    # setup.py leaves this note when the install went on without the extension (its build failed).
+    _build_error = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_C_build_error.txt")
+    if os.path.exists(_build_error) and "GEMMA3_FAST_DISABLE_EXTENSION" not in EXTENSION_ERROR:
+        with open(_build_error) as f:
+            EXTENSION_ERROR = f"the install could not build it: {f.read().strip()}"
     warnings.warn(
-        f"gemma3_fast: the compiled extension is not available ({e}); running on the PyTorch reference "
-        "path. Build it with `pip install --no-build-isolation .`",
+        f"gemma3_fast: the compiled extension is not available ({EXTENSION_ERROR}); running on the PyTorch "
+        "reference path. Build it with `pip install --no-build-isolation .` (`pip install -v` shows the "
+        "compiler's messages)",
         RuntimeWarning,
         stacklevel=2,
     )

@@ -25,17 +25,15 @@ inline Best range_argmax(const T* x, int64_t begin, int64_t end) {
   int64_t i = begin;
   float mx = -std::numeric_limits<float>::infinity();
   bool any_nan = false;
-#ifdef GEMMA3_AVX2
-  __m256 vmax = _mm256_set1_ps(mx), vnan = _mm256_setzero_ps();
-  for (; i + 8 <= end; i += 8) {
-    const __m256 v = vec::load8(x + i);
-    vmax = _mm256_max_ps(vmax, v);
-    vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+#ifdef GEMMA3_SIMD
+  vec::vf vmax = vec::vset(mx), vnan = vec::vzero();
+  for (; i + vec::kW <= end; i += vec::kW) {
+    const vec::vf v = vec::vload(x + i);
+    vmax = vec::vmax(vmax, v);
+    vnan = vec::vnan_or(vnan, v);
   }
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, vmax);
-  for (float l : lanes) mx = std::max(mx, l);
-  any_nan = _mm256_movemask_ps(vnan) != 0;
+  mx = std::max(mx, vec::vhmax(vmax));
+  any_nan = vec::vany(vnan);
 #endif
   for (; i < end; ++i) {
     const float v = vec::to_f32(x[i]);
@@ -51,12 +49,12 @@ inline Best range_argmax(const T* x, int64_t begin, int64_t end) {
     return best;
   }
   i = begin;
-#ifdef GEMMA3_AVX2
-  const __m256 target = _mm256_set1_ps(mx);
-  for (; i + 8 <= end; i += 8) {
-    const int hits = _mm256_movemask_ps(_mm256_cmp_ps(vec::load8(x + i), target, _CMP_EQ_OQ));
+#ifdef GEMMA3_SIMD
+  const vec::vf target = vec::vset(mx);
+  for (; i + vec::kW <= end; i += vec::kW) {
+    const unsigned hits = vec::veq_bits(vec::vload(x + i), target);
     if (hits != 0) {
-      i += __builtin_ctz(static_cast<unsigned>(hits));
+      i += __builtin_ctz(hits);
       best.value = mx;
       best.index = i;
       return best;

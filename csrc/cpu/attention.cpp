@@ -67,7 +67,7 @@ inline void softmax_update(float* s, int64_t nb, float& m, float& l, float* acc,
   m = mnew;
 }
 
-// The same as decode_block below, one key and one head at a time: any group size, any head_dim, no AVX2.
+// The same as decode_block below, one key and one head at a time: any group size, any head_dim, no SIMD.
 template <typename T, typename KeyFn, typename ValFn>
 void decode_block_any(const float* qf, const KeyFn& key, const ValFn& val, int64_t j0, int64_t nb, int64_t d,
                       int64_t g, float* scores, float* m, float* l, float* acc) {
@@ -101,7 +101,7 @@ constexpr bool kBf16Dot = false;
 // alternating: bf16 1.017-1.019x, fp32 1.010-1.018x. Prefetching the next block's keys and values as well,
 // or into L2 only (prefetcht1), was no better.
 // One block of nb keys (j0 ...) for the G query heads that share a KV head: scores, softmax, P @ V.
-// Each key row is loaded once for all G heads, and the output accumulators are updated 8 (AVX-512: 16) columns
+// Each key row is loaded once for all G heads, and the output accumulators are updated 8 (AVX-512: 16, NEON: 4) columns
 // at a time across the whole block, so they stay in registers instead of a load/store per key.
 // qf: the G query rows in fp32, already scaled; qraw: the same rows unscaled, in T (for bf16 dot products).
 template <int G, typename T, typename KeyFn, typename ValFn>
@@ -151,30 +151,31 @@ void decode_block(const float* qf, const T* qraw, float scale, const KeyFn& key,
 #endif
   (void)qraw;
   (void)scale;
-#ifdef GEMMA3_AVX2
-  if (d % 8 == 0) {
+#ifdef GEMMA3_SIMD
+  if (d % vec::kW == 0) {  // AVX2: 8 columns per instruction, NEON: 4
+    using namespace vec;
     const T* vrows[kBlock];  // resolved once per block: a ring slot costs an integer division
     for (int64_t jj = 0; jj < nb; ++jj) {
       const T* krow = key(j0 + jj);
       vrows[jj] = val(j0 + jj);
-      vec::prefetch(vrows[jj], d * static_cast<int64_t>(sizeof(T)));  // see "Value rows" above
-      __m256 a[G];
-      for (int h = 0; h < G; ++h) a[h] = _mm256_setzero_ps();
-      for (int64_t x = 0; x < d; x += 8) {
-        const __m256 kv = vec::load8(krow + x);
-        for (int h = 0; h < G; ++h) a[h] = _mm256_fmadd_ps(_mm256_loadu_ps(qf + h * d + x), kv, a[h]);
+      prefetch(vrows[jj], d * static_cast<int64_t>(sizeof(T)));  // see "Value rows" above
+      vf a[G];
+      for (int h = 0; h < G; ++h) a[h] = vzero();
+      for (int64_t x = 0; x < d; x += kW) {
+        const vf kv = vload(krow + x);
+        for (int h = 0; h < G; ++h) a[h] = vfma(vload(qf + h * d + x), kv, a[h]);
       }
-      for (int h = 0; h < G; ++h) scores[h * kBlock + jj] = vec::hsum(a[h]);
+      for (int h = 0; h < G; ++h) scores[h * kBlock + jj] = vhsum(a[h]);
     }
     for (int h = 0; h < G; ++h) softmax_update(scores + h * kBlock, nb, m[h], l[h], acc + h * d, d);
-    for (int64_t x0 = 0; x0 < d; x0 += 8) {
-      __m256 o[G];
-      for (int h = 0; h < G; ++h) o[h] = _mm256_loadu_ps(acc + h * d + x0);
+    for (int64_t x0 = 0; x0 < d; x0 += kW) {
+      vf o[G];
+      for (int h = 0; h < G; ++h) o[h] = vload(acc + h * d + x0);
       for (int64_t jj = 0; jj < nb; ++jj) {
-        const __m256 vv = vec::load8(vrows[jj] + x0);
-        for (int h = 0; h < G; ++h) o[h] = _mm256_fmadd_ps(_mm256_set1_ps(scores[h * kBlock + jj]), vv, o[h]);
+        const vf vv = vload(vrows[jj] + x0);
+        for (int h = 0; h < G; ++h) o[h] = vfma(vset(scores[h * kBlock + jj]), vv, o[h]);
       }
-      for (int h = 0; h < G; ++h) _mm256_storeu_ps(acc + h * d + x0, o[h]);
+      for (int h = 0; h < G; ++h) vstore(acc + h * d + x0, o[h]);
     }
     return;
   }

@@ -4,8 +4,8 @@
 // step). Each column becomes its token's gradient (softmax - one_hot(target)) * grad_scale, and the column's
 // loss lse - logit[target] is returned. Columns whose target is ignore_index get loss 0 and a zero gradient.
 //
-// Columns are contiguous within a vocabulary row, so the math runs 8 (AVX2) columns at a time. Each thread takes a
-// band of columns and visits the vocabulary in tiles that stay in L2: pass 1 reads a tile once from memory,
+// Columns are contiguous within a vocabulary row, so the math runs 8 (AVX2; NEON: 4) columns at a time. Each
+// thread takes a band of columns and visits the vocabulary in tiles that stay in L2: pass 1 reads a tile once from memory,
 // takes its max and replaces it by exp(x - running max) while it is cached; pass 2 rescales each tile by
 // exp(that tile's max - final max) / sum * grad_scale. The matrix is read twice and written twice, one exp per
 // element.
@@ -27,8 +27,8 @@ constexpr int64_t kTile = 512;  // vocabulary rows per tile: 512 x 128 columns x
 // x[c] = exp(x[c] - m[c]) for c in [0, n); returns nothing: sums are taken by the caller's add_to.
 inline void exp_minus(float* x, const float* m, int64_t n) {
   int64_t c = 0;
-#ifdef GEMMA3_AVX2
-  for (; c + 8 <= n; c += 8) _mm256_storeu_ps(x + c, vec::exp8(_mm256_sub_ps(_mm256_loadu_ps(x + c), _mm256_loadu_ps(m + c))));
+#ifdef GEMMA3_SIMD
+  for (; c + vec::kW <= n; c += vec::kW) vec::vstore(x + c, vec::vexp(vec::vsub(vec::vload(x + c), vec::vload(m + c))));
 #endif
   for (; c < n; ++c) x[c] = std::exp(x[c] - m[c]);
 }
@@ -70,8 +70,8 @@ at::Tensor softmax_cross_entropy_cpu(at::Tensor& logits_t, const at::Tensor& tar
         for (int64_t v = v0; v < v1; ++v) {
           const float* row = xp + v * n + c0;
           int64_t c = 0;
-#ifdef GEMMA3_AVX2
-          for (; c + 8 <= w; c += 8) _mm256_storeu_ps(mt + c, _mm256_max_ps(_mm256_loadu_ps(mt + c), _mm256_loadu_ps(row + c)));
+#ifdef GEMMA3_SIMD
+          for (; c + vec::kW <= w; c += vec::kW) vec::vstore(mt + c, vec::vmax(vec::vload(mt + c), vec::vload(row + c)));
 #endif
           for (; c < w; ++c) mt[c] = std::max(mt[c], row[c]);
         }
@@ -98,8 +98,8 @@ at::Tensor softmax_cross_entropy_cpu(at::Tensor& logits_t, const at::Tensor& tar
         for (int64_t v = v0; v < v1; ++v) {
           float* row = xp + v * n + c0;
           int64_t c = 0;
-#ifdef GEMMA3_AVX2
-          for (; c + 8 <= w; c += 8) _mm256_storeu_ps(row + c, _mm256_mul_ps(_mm256_loadu_ps(row + c), _mm256_loadu_ps(factor.data() + c)));
+#ifdef GEMMA3_SIMD
+          for (; c + vec::kW <= w; c += vec::kW) vec::vstore(row + c, vec::vmul(vec::vload(row + c), vec::vload(factor.data() + c)));
 #endif
           for (; c < w; ++c) row[c] *= factor[c];
         }

@@ -33,7 +33,7 @@ inline float to_f32_w(vec::bf16 x) { return static_cast<float>(x); }
 // The activation row, prepared once per call in the form each weight type's inner loop wants.
 struct PreparedX {
   const vec::bf16* bf16_row = nullptr;  // the row itself when x is bf16 (AVX512-BF16 dot products)
-  std::vector<float> deinterleaved;  // bf16 weights: per 16 inputs, the 8 even then the 8 odd ones
+  std::vector<float> deinterleaved;  // bf16 weights, AVX2: per 16 inputs, the 8 even then the 8 odd ones
   std::vector<int16_t> q;            // int8 weights: x quantized to int16 ...
   float q_scale = 0.f;               // ... with x ~= q * q_scale
 };
@@ -71,7 +71,18 @@ inline void dot_rows(const float* x, const PreparedX&, const float* const* w, in
     const __m256 xv = _mm256_loadu_ps(x + i);
     for (int j = 0; j < R; ++j) a[j] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w[j] + i), a[j]);
   }
-  for (int j = 0; j < R; ++j) out[j] = vec::hsum(a[j]);
+  for (int j = 0; j < R; ++j) out[j] = vec::vhsum(a[j]);
+#elif defined(GEMMA3_NEON)
+  float32x4_t a[R], b[R];  // two accumulators per row: one would wait on the FMA latency
+  for (int j = 0; j < R; ++j) a[j] = b[j] = vdupq_n_f32(0.f);
+  for (; i + 8 <= k; i += 8) {
+    const float32x4_t x0 = vld1q_f32(x + i), x1 = vld1q_f32(x + i + 4);
+    for (int j = 0; j < R; ++j) {
+      a[j] = vfmaq_f32(a[j], x0, vld1q_f32(w[j] + i));
+      b[j] = vfmaq_f32(b[j], x1, vld1q_f32(w[j] + i + 4));
+    }
+  }
+  for (int j = 0; j < R; ++j) out[j] = vaddvq_f32(vaddq_f32(a[j], b[j]));
 #endif
   for (int j = 0; j < R; ++j) out[j] += dot_tail(x, w[j], i, k);
 }
@@ -117,7 +128,20 @@ inline void dot_rows(const float* x, const PreparedX& px, const vec::bf16* const
       a[j] = _mm256_fmadd_ps(x_odd, _mm256_castsi256_ps(_mm256_and_si256(v, hi)), a[j]);
     }
   }
-  for (int j = 0; j < R; ++j) out[j] = vec::hsum(a[j]);
+  for (int j = 0; j < R; ++j) out[j] = vec::vhsum(a[j]);
+#elif defined(GEMMA3_NEON)
+  // 8 bf16 weights widen to two fp32 vectors in order (ushll / ushll2 by 16): no deinterleaved x needed.
+  float32x4_t a[R], b[R];
+  for (int j = 0; j < R; ++j) a[j] = b[j] = vdupq_n_f32(0.f);
+  for (; i + 8 <= k; i += 8) {
+    const float32x4_t x0 = vld1q_f32(x + i), x1 = vld1q_f32(x + i + 4);
+    for (int j = 0; j < R; ++j) {
+      const uint16x8_t v = vld1q_u16(reinterpret_cast<const uint16_t*>(w[j] + i));
+      a[j] = vfmaq_f32(a[j], x0, vreinterpretq_f32_u32(vshll_n_u16(vget_low_u16(v), 16)));
+      b[j] = vfmaq_f32(b[j], x1, vreinterpretq_f32_u32(vshll_high_n_u16(v, 16)));
+    }
+  }
+  for (int j = 0; j < R; ++j) out[j] = vaddvq_f32(vaddq_f32(a[j], b[j]));
 #endif
   for (int j = 0; j < R; ++j) out[j] += dot_tail(x, w[j], i, k);
 }
@@ -171,7 +195,26 @@ inline void dot_rows(const float* x, const PreparedX& px, const int8_t* const* w
     }
     for (int j = 0; j < R; ++j) f[j] = _mm256_add_ps(f[j], _mm256_cvtepi32_ps(a[j]));
   }
-  for (int j = 0; j < R; ++j) out[j] = vec::hsum(f[j]) * px.q_scale;
+  for (int j = 0; j < R; ++j) out[j] = vec::vhsum(f[j]) * px.q_scale;
+#elif defined(GEMMA3_NEON)
+  // smlal / smlal2: int16 x times int8 w (widened to int16) into int32 lanes, one product per lane per 8
+  // weights in each of a and b, as the AVX2 madd path adds two per lane per 16: the same kFlush bound holds.
+  float32x4_t f[R];
+  for (int j = 0; j < R; ++j) f[j] = vdupq_n_f32(0.f);
+  while (i + 8 <= k) {
+    int32x4_t a[R], b[R];
+    for (int j = 0; j < R; ++j) a[j] = b[j] = vdupq_n_s32(0);
+    for (const int64_t stop = std::min(k, i + kFlush); i + 8 <= stop; i += 8) {
+      const int16x8_t xv = vld1q_s16(xq + i);
+      for (int j = 0; j < R; ++j) {
+        const int16x8_t wv = vmovl_s8(vld1_s8(w[j] + i));
+        a[j] = vmlal_s16(a[j], vget_low_s16(xv), vget_low_s16(wv));
+        b[j] = vmlal_high_s16(b[j], xv, wv);
+      }
+    }
+    for (int j = 0; j < R; ++j) f[j] = vaddq_f32(f[j], vaddq_f32(vcvtq_f32_s32(a[j]), vcvtq_f32_s32(b[j])));
+  }
+  for (int j = 0; j < R; ++j) out[j] = vaddvq_f32(f[j]) * px.q_scale;
 #endif
   for (int j = 0; j < R; ++j) out[j] += dot_tail(x, w[j], i, k);
 }
@@ -184,7 +227,13 @@ PreparedX prepare(const float* x, const vec::bf16* x_bf16, int64_t k, at::Scalar
 #else
   const bool native_bf16_dot = false;
 #endif
-  if (wt == at::kBFloat16 && !native_bf16_dot) {
+#ifdef GEMMA3_AVX2
+  const bool deinterleave = wt == at::kBFloat16 && !native_bf16_dot;  // the AVX2 bf16 loop's x layout
+#else
+  const bool deinterleave = false;
+  (void)native_bf16_dot;
+#endif
+  if (deinterleave) {
     px.deinterleaved.resize(k);
     for (int64_t i = 0; i + 16 <= k; i += 16)
       for (int64_t j = 0; j < 8; ++j) {
@@ -249,12 +298,14 @@ at::Tensor matmul_fp32(const at::Tensor& x, const at::Tensor& w) {
 // in bf16 (fp32 accumulation), and the fp32 prefill matmul here is oneDNN's. On CPUs with AVX512-BF16 it then
 // runs in bf16, about 2x the fp32 rate, the output rounded to bf16 on the way. fp32 prefill otherwise runs at
 // ~90% of the 2-core FMA peak: this is the only way past it. Off by default ("none"/"ieee"): exact fp32.
-// That switch came with torch 2.9 (set_float32_matmul_precision("medium") also sets it); before, "medium" is
-// the switch.
+// That switch came with torch 2.9, read by strings there and by enums from 2.10 (set_float32_matmul_precision
+// ("medium") also sets it); before 2.9, "medium" is the switch.
 bool fp32_matmul_in_bf16() {
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9)
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 10)
   return at::globalContext().float32Precision(at::Float32Backend::MKLDNN, at::Float32Op::MATMUL) ==
          at::Float32Precision::BF16;
+#elif TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR == 9
+  return at::globalContext().float32Precision("mkldnn", "matmul") == "bf16";
 #else
   return at::globalContext().float32MatmulPrecision() == at::Float32MatmulPrecision::MEDIUM;
 #endif
@@ -320,9 +371,13 @@ at::Tensor linear_impl(const at::Tensor& x, const at::Tensor& weight, const std:
   const int64_t tokens = x.numel() / k;
 
   if (tokens > kMaxGemvTokens) {  // compute bound: a BLAS matmul on a one-off converted copy of the weight
-    static const bool native_bf16 = [] {
+    static const bool native_bf16 = [] {  // a bf16 matmul at about 2x the fp32 rate (oneDNN's AVX512-BF16)
+#if defined(__x86_64__) || defined(__i386__)
       __builtin_cpu_init();
       return __builtin_cpu_supports("avx512bf16") != 0;
+#else
+      return false;
+#endif
     }();
     const bool bf16_matmul = native_bf16 && x.scalar_type() == at::kBFloat16;
     at::Tensor w = weight;

@@ -35,21 +35,20 @@ template <typename T>
 void gelu_tanh_mul_backward_row(T* dgate, T* dup, const T* grad, const T* gate, const T* up, int64_t n) {
   constexpr float kC = 0.7978845608028654f, kA = 0.044715f;
   int64_t i = 0;
-#ifdef GEMMA3_AVX2
-  const __m256 c = _mm256_set1_ps(kC), a = _mm256_set1_ps(kA), a3 = _mm256_set1_ps(3.f * kA),
-               one = _mm256_set1_ps(1.f), two = _mm256_set1_ps(2.f), half = _mm256_set1_ps(0.5f);
-  for (; i + 8 <= n; i += 8) {
-    const __m256 x = vec::load8(gate + i), u = vec::load8(up + i), g = vec::load8(grad + i);
-    const __m256 x2 = _mm256_mul_ps(x, x);
-    const __m256 z = _mm256_mul_ps(c, _mm256_fmadd_ps(_mm256_mul_ps(a, x), x2, x));
-    const __m256 t = _mm256_sub_ps(one, _mm256_div_ps(two, _mm256_add_ps(one, vec::exp8(_mm256_add_ps(z, z)))));
-    const __m256 gelu = _mm256_mul_ps(_mm256_mul_ps(half, x), _mm256_add_ps(one, t));
-    const __m256 dz = _mm256_mul_ps(c, _mm256_fmadd_ps(a3, x2, one));
-    const __m256 sech2 = _mm256_fnmadd_ps(t, t, one);
-    const __m256 dgelu = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_mul_ps(half, x), sech2), dz,
-                                         _mm256_mul_ps(half, _mm256_add_ps(one, t)));
-    vec::store8(dgate + i, _mm256_mul_ps(_mm256_mul_ps(g, u), dgelu));
-    vec::store8(dup + i, _mm256_mul_ps(g, gelu));
+#ifdef GEMMA3_SIMD
+  using namespace vec;
+  const vf c = vset(kC), a = vset(kA), a3 = vset(3.f * kA), one = vset(1.f), two = vset(2.f), half = vset(0.5f);
+  for (; i + kW <= n; i += kW) {
+    const vf x = vload(gate + i), u = vload(up + i), g = vload(grad + i);
+    const vf x2 = vmul(x, x);
+    const vf z = vmul(c, vfma(vmul(a, x), x2, x));
+    const vf t = vsub(one, vdiv(two, vadd(one, vexp(vadd(z, z)))));
+    const vf gelu = vmul(vmul(half, x), vadd(one, t));
+    const vf dz = vmul(c, vfma(a3, x2, one));
+    const vf sech2 = vfnma(t, t, one);
+    const vf dgelu = vfma(vmul(vmul(half, x), sech2), dz, vmul(half, vadd(one, t)));
+    vstore(dgate + i, vmul(vmul(g, u), dgelu));
+    vstore(dup + i, vmul(g, gelu));
   }
 #endif
   for (; i < n; ++i) {

@@ -26,12 +26,13 @@ inline void norm_backward_row(TD* dx, const TG* g, const TX* x, const TW* w, flo
   for (int64_t i = 0; i < n; ++i) gw[i] = vec::to_f32(g[i]) * (1.f + vec::to_f32(w[i]));
   const float coef = vec::dot(gw, x, n) * r * r * r / static_cast<float>(n);
   int64_t i = 0;
-#ifdef GEMMA3_AVX2
-  const __m256 vr = _mm256_set1_ps(r), vc = _mm256_set1_ps(coef);
-  for (; i + 8 <= n; i += 8) {
-    const __m256 xv = vec::load8(x + i);
-    vec::store8(dx + i, _mm256_fnmadd_ps(vc, xv, _mm256_mul_ps(vr, _mm256_loadu_ps(gw + i))));
-    vec::store8(dw_acc + i, _mm256_fmadd_ps(_mm256_mul_ps(vec::load8(g + i), xv), vr, _mm256_loadu_ps(dw_acc + i)));
+#ifdef GEMMA3_SIMD
+  using namespace vec;
+  const vf vr = vset(r), vc = vset(coef);
+  for (; i + kW <= n; i += kW) {
+    const vf xv = vload(x + i);
+    vstore(dx + i, vfnma(vc, xv, vmul(vr, vload(gw + i))));
+    vstore(dw_acc + i, vfma(vmul(vload(g + i), xv), vr, vload(dw_acc + i)));
   }
 #endif
   for (; i < n; ++i) {

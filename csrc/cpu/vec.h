@@ -1,9 +1,11 @@
 // Small SIMD helpers for the CPU kernels: fp32 math on fp32 or bf16 data.
-// AVX2+FMA when the compiler targets it, a plain scalar loop otherwise (same results up to summation order).
+// AVX2+FMA or NEON when the compiler targets it, a plain scalar loop otherwise (same results up to summation
+// order).
 #pragma once
 
 #include <c10/util/BFloat16.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -11,6 +13,12 @@
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define GEMMA3_AVX2 1
+#elif defined(__aarch64__) && defined(__ARM_NEON)
+#include <arm_neon.h>
+#define GEMMA3_NEON 1
+#endif
+#if defined(GEMMA3_AVX2) || defined(GEMMA3_NEON)
+#define GEMMA3_SIMD 1  // the vf type below exists: the loops in this file and the kernels' generic vector paths
 #endif
 
 namespace gemma3_fast {
@@ -36,15 +44,22 @@ inline void prefetch(const void* p, int64_t bytes) {
   }
 }
 
+// One vector of fp32 lanes, the same operations on each ISA: 8 lanes (__m256) with AVX2 + FMA, 4 (float32x4_t)
+// with NEON. The loops below, and the kernels' generic vector paths, are written once on these; AVX-512 paths
+// (16 lanes, bf16 and int8 dot products) stay ISA-specific in the kernels that have them.
 #ifdef GEMMA3_AVX2
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const bf16* p) {
+using vf = __m256;
+constexpr int64_t kW = 8;
+inline vf vzero() { return _mm256_setzero_ps(); }
+inline vf vset(float x) { return _mm256_set1_ps(x); }
+inline vf vload(const float* p) { return _mm256_loadu_ps(p); }
+inline vf vload(const bf16* p) {
   // bf16 is the high half of an fp32: widen to 32 bits and shift left.
   __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
-inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
-inline void store8(bf16* p, __m256 v) {
+inline void vstore(float* p, vf v) { _mm256_storeu_ps(p, v); }
+inline void vstore(bf16* p, vf v) {
   // Round to nearest even, as c10::BFloat16 does (NaN payloads are not preserved; activations have none).
   __m256i x = _mm256_castps_si256(v);
   __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(1));
@@ -53,33 +68,105 @@ inline void store8(bf16* p, __m256 v) {
   __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(x, x), 0xd8);
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
 }
-inline float hsum(__m256 v) {
+inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
+inline vf vsub(vf a, vf b) { return _mm256_sub_ps(a, b); }
+inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+inline vf vdiv(vf a, vf b) { return _mm256_div_ps(a, b); }
+inline vf vmin(vf a, vf b) { return _mm256_min_ps(a, b); }
+inline vf vmax(vf a, vf b) { return _mm256_max_ps(a, b); }
+inline vf vabs(vf a) { return _mm256_and_ps(a, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff))); }
+inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }    // a b + c, one rounding
+inline vf vfnma(vf a, vf b, vf c) { return _mm256_fnmadd_ps(a, b, c); }  // c - a b, one rounding
+inline float vhsum(vf v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
+inline float vhmax(vf v) {
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, v);
+  float m = lanes[0];
+  for (float x : lanes) m = std::max(m, x);
+  return m;
+}
+inline vf vround(vf a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+// 2^n for integral n in [-126, 127], built in the exponent field.
+inline vf vpow2i(vf n) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+}
+// Lanes that are NaN, or'ed into acc (all bits set where a NaN was seen); any() tells whether one was.
+inline vf vnan_or(vf acc, vf v) { return _mm256_or_ps(acc, _mm256_cmp_ps(v, v, _CMP_UNORD_Q)); }
+inline bool vany(vf mask) { return _mm256_movemask_ps(mask) != 0; }
+// Bit i set where a[i] == b[i].
+inline unsigned veq_bits(vf a, vf b) { return static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(a, b, _CMP_EQ_OQ))); }
+// q[0..kW) = round_to_nearest_even(v / s), saturated to int16.
+inline void vquantize_i16(int16_t* q, vf v, vf s) {
+  const __m256i i = _mm256_cvtps_epi32(_mm256_div_ps(v, s));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q),
+                   _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1)));
+}
+#elif defined(GEMMA3_NEON)
+using vf = float32x4_t;
+constexpr int64_t kW = 4;
+inline vf vzero() { return vdupq_n_f32(0.f); }
+inline vf vset(float x) { return vdupq_n_f32(x); }
+inline vf vload(const float* p) { return vld1q_f32(p); }
+inline vf vload(const bf16* p) {  // bf16 is the high half of an fp32: widen to 32 bits, shifted left by 16
+  return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(reinterpret_cast<const uint16_t*>(p)), 16));
+}
+inline void vstore(float* p, vf v) { vst1q_f32(p, v); }
+inline void vstore(bf16* p, vf v) {  // round to nearest even, as c10::BFloat16 does (and the AVX2 store)
+  uint32x4_t x = vreinterpretq_u32_f32(v);
+  const uint32x4_t lsb = vandq_u32(vshrq_n_u32(x, 16), vdupq_n_u32(1));
+  x = vaddq_u32(x, vaddq_u32(lsb, vdupq_n_u32(0x7fff)));
+  vst1_u16(reinterpret_cast<uint16_t*>(p), vshrn_n_u32(x, 16));
+}
+inline vf vadd(vf a, vf b) { return vaddq_f32(a, b); }
+inline vf vsub(vf a, vf b) { return vsubq_f32(a, b); }
+inline vf vmul(vf a, vf b) { return vmulq_f32(a, b); }
+inline vf vdiv(vf a, vf b) { return vdivq_f32(a, b); }
+inline vf vmin(vf a, vf b) { return vminq_f32(a, b); }
+inline vf vmax(vf a, vf b) { return vmaxq_f32(a, b); }
+inline vf vabs(vf a) { return vabsq_f32(a); }
+inline vf vfma(vf a, vf b, vf c) { return vfmaq_f32(c, a, b); }
+inline vf vfnma(vf a, vf b, vf c) { return vfmsq_f32(c, a, b); }
+inline float vhsum(vf v) { return vaddvq_f32(v); }
+inline float vhmax(vf v) { return vmaxvq_f32(v); }
+inline vf vround(vf a) { return vrndnq_f32(a); }
+inline vf vpow2i(vf n) {
+  return vreinterpretq_f32_s32(vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23));
+}
+inline vf vnan_or(vf acc, vf v) {
+  return vreinterpretq_f32_u32(vorrq_u32(vreinterpretq_u32_f32(acc), vmvnq_u32(vceqq_f32(v, v))));
+}
+inline bool vany(vf mask) { return vmaxvq_u32(vreinterpretq_u32_f32(mask)) != 0; }
+inline unsigned veq_bits(vf a, vf b) {
+  const uint32x4_t bit = {1, 2, 4, 8};
+  return vaddvq_u32(vandq_u32(vceqq_f32(a, b), bit));
+}
+inline void vquantize_i16(int16_t* q, vf v, vf s) {
+  vst1_s16(q, vqmovn_s32(vcvtnq_s32_f32(vdivq_f32(v, s))));  // FCVTNS: nearest, ties to even, as cvtps2dq
+}
 #endif
 
-#ifdef GEMMA3_AVX2
-// exp(x) for 8 floats, Cephes' expf: x = n ln2 + r with |r| <= ln2/2, a degree-5 polynomial for e^r, times 2^n.
+#ifdef GEMMA3_SIMD
+// exp(x) per lane, Cephes' expf: x = n ln2 + r with |r| <= ln2/2, a degree-5 polynomial for e^r, times 2^n.
 // Relative error ~2e-7 (about 1 ulp). Inputs are clamped to [-87.3, 88]: below, ~1e-38 instead of 0
 // (negligible in a softmax, whose inputs here are <= 0).
-inline __m256 exp8(__m256 x) {
-  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.0f)), _mm256_set1_ps(-87.3365447504f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+inline vf vexp(vf x) {
+  x = vmax(vmin(x, vset(88.0f)), vset(-87.3365447504f));
+  const vf n = vround(vmul(x, vset(1.44269504088896341f)));
+  vf r = vfnma(n, vset(0.693359375f), x);
+  r = vfnma(n, vset(-2.12194440e-4f), r);
+  vf y = vset(1.9875691500e-4f);
+  y = vfma(y, r, vset(1.3981999507e-3f));
+  y = vfma(y, r, vset(8.3334519073e-3f));
+  y = vfma(y, r, vset(4.1665795894e-2f));
+  y = vfma(y, r, vset(1.6666665459e-1f));
+  y = vfma(y, r, vset(5.0000001201e-1f));
+  y = vfma(y, vmul(r, r), vadd(r, vset(1.f)));
+  return vmul(y, vpow2i(n));
 }
 #endif
 
@@ -87,15 +174,15 @@ inline __m256 exp8(__m256 x) {
 inline float exp_shift_sum(float* s, float shift, int64_t n) {
   int64_t i = 0;
   float sum = 0.f;
-#ifdef GEMMA3_AVX2
-  const __m256 vs = _mm256_set1_ps(shift);
-  __m256 acc = _mm256_setzero_ps();
-  for (; i + 8 <= n; i += 8) {
-    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + i), vs));
-    _mm256_storeu_ps(s + i, e);
-    acc = _mm256_add_ps(acc, e);
+#ifdef GEMMA3_SIMD
+  const vf vs = vset(shift);
+  vf acc = vzero();
+  for (; i + kW <= n; i += kW) {
+    const vf e = vexp(vsub(vload(s + i), vs));
+    vstore(s + i, e);
+    acc = vadd(acc, e);
   }
-  sum = hsum(acc);
+  sum = vhsum(acc);
 #endif
   for (; i < n; ++i) {
     s[i] = std::exp(s[i] - shift);
@@ -105,20 +192,19 @@ inline float exp_shift_sum(float* s, float shift, int64_t n) {
 }
 
 // out[i] = gelu_tanh(gate[i]) * up[i] in fp32, rounded once to TO. gelu_tanh(x) = 0.5 x (1 + tanh(u)) with
-// u = sqrt(2/pi) (x + 0.044715 x^3), and 1 + tanh(u) = 2 - 2 / (1 + e^(2u)) (exp8 clamps: no inf, no NaN).
+// u = sqrt(2/pi) (x + 0.044715 x^3), and 1 + tanh(u) = 2 - 2 / (1 + e^(2u)) (vexp clamps: no inf, no NaN).
 template <typename TO, typename TI>
 inline void gelu_tanh_mul(TO* out, const TI* gate, const TI* up, int64_t n) {
   constexpr float kC = 0.7978845608028654f, kA = 0.044715f;
   int64_t i = 0;
-#ifdef GEMMA3_AVX2
-  const __m256 c = _mm256_set1_ps(kC), a = _mm256_set1_ps(kA), one = _mm256_set1_ps(1.f),
-               two = _mm256_set1_ps(2.f), half = _mm256_set1_ps(0.5f);
-  for (; i + 8 <= n; i += 8) {
-    const __m256 x = load8(gate + i);
-    const __m256 u = _mm256_mul_ps(c, _mm256_fmadd_ps(_mm256_mul_ps(a, x), _mm256_mul_ps(x, x), x));
-    const __m256 e = exp8(_mm256_add_ps(u, u));
-    const __m256 one_plus_tanh = _mm256_sub_ps(two, _mm256_div_ps(two, _mm256_add_ps(one, e)));
-    store8(out + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(half, x), one_plus_tanh), load8(up + i)));
+#ifdef GEMMA3_SIMD
+  const vf c = vset(kC), a = vset(kA), one = vset(1.f), two = vset(2.f), half = vset(0.5f);
+  for (; i + kW <= n; i += kW) {
+    const vf x = vload(gate + i);
+    const vf u = vmul(c, vfma(vmul(a, x), vmul(x, x), x));
+    const vf e = vexp(vadd(u, u));
+    const vf one_plus_tanh = vsub(two, vdiv(two, vadd(one, e)));
+    vstore(out + i, vmul(vmul(vmul(half, x), one_plus_tanh), vload(up + i)));
   }
 #endif
   for (; i < n; ++i) {
@@ -131,12 +217,10 @@ inline void gelu_tanh_mul(TO* out, const TI* gate, const TI* up, int64_t n) {
 inline float max_value(const float* s, int64_t n, float init) {
   int64_t i = 0;
   float mx = init;
-#ifdef GEMMA3_AVX2
-  __m256 vm = _mm256_set1_ps(init);
-  for (; i + 8 <= n; i += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(s + i));
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, vm);
-  for (float x : lanes) mx = std::max(mx, x);
+#ifdef GEMMA3_SIMD
+  vf vm = vset(init);
+  for (; i + kW <= n; i += kW) vm = vmax(vm, vload(s + i));
+  mx = std::max(mx, vhmax(vm));
 #endif
   for (; i < n; ++i) mx = std::max(mx, s[i]);
   return mx;
@@ -144,29 +228,23 @@ inline float max_value(const float* s, int64_t n, float init) {
 
 // Symmetric int16 quantization of x[0..n): q[i] = round_to_nearest_even(x[i] / scale) with
 // scale = max|x| / 32767 (1 when x is all zeros); returns scale. The scalar loop is the specification; the
-// vector loop gives the same q (same division, same rounding: cvtps2dq and lrint both round to nearest even).
-// It runs on every int8 linear at decode, ~80k activations per token: scalar lrint calls cost ~0.3 ms a step.
+// vector loop gives the same q (same division, same rounding: cvtps2dq, FCVTNS and lrint all round to nearest
+// even). It runs on every int8 linear at decode, ~80k activations per token: scalar lrint calls cost ~0.3 ms a
+// step.
 inline float quantize_int16(const float* x, int64_t n, int16_t* q) {
   int64_t i = 0;
   float amax = 0.f;
-#ifdef GEMMA3_AVX2
-  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-  __m256 vm = _mm256_setzero_ps();
-  for (; i + 8 <= n; i += 8) vm = _mm256_max_ps(vm, _mm256_and_ps(_mm256_loadu_ps(x + i), abs_mask));
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, vm);
-  for (float v : lanes) amax = std::max(amax, v);
+#ifdef GEMMA3_SIMD
+  vf vm = vzero();
+  for (; i + kW <= n; i += kW) vm = vmax(vm, vabs(vload(x + i)));
+  amax = vhmax(vm);
 #endif
   for (; i < n; ++i) amax = std::max(amax, std::abs(x[i]));
   const float scale = amax > 0.f ? amax / 32767.f : 1.f;
   i = 0;
-#ifdef GEMMA3_AVX2
-  const __m256 vs = _mm256_set1_ps(scale);
-  for (; i + 8 <= n; i += 8) {
-    const __m256i v = _mm256_cvtps_epi32(_mm256_div_ps(_mm256_loadu_ps(x + i), vs));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i),
-                     _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)));
-  }
+#ifdef GEMMA3_SIMD
+  const vf vs = vset(scale);
+  for (; i + kW <= n; i += kW) vquantize_i16(q + i, vload(x + i), vs);
 #endif
   for (; i < n; ++i) q[i] = static_cast<int16_t>(std::lrint(x[i] / scale));
   return scale;
@@ -177,14 +255,14 @@ template <typename TA, typename TB>
 inline float dot(const TA* a, const TB* b, int64_t n) {
   int64_t i = 0;
   float s = 0.f;
-#ifdef GEMMA3_AVX2
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  for (; i + 16 <= n; i += 16) {
-    acc0 = _mm256_fmadd_ps(load8(a + i), load8(b + i), acc0);
-    acc1 = _mm256_fmadd_ps(load8(a + i + 8), load8(b + i + 8), acc1);
+#ifdef GEMMA3_SIMD
+  vf acc0 = vzero(), acc1 = vzero();
+  for (; i + 2 * kW <= n; i += 2 * kW) {
+    acc0 = vfma(vload(a + i), vload(b + i), acc0);
+    acc1 = vfma(vload(a + i + kW), vload(b + i + kW), acc1);
   }
-  for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(load8(a + i), load8(b + i), acc0);
-  s = hsum(_mm256_add_ps(acc0, acc1));
+  for (; i + kW <= n; i += kW) acc0 = vfma(vload(a + i), vload(b + i), acc0);
+  s = vhsum(vadd(acc0, acc1));
 #endif
   for (; i < n; ++i) s += to_f32(a[i]) * to_f32(b[i]);
   return s;
@@ -197,9 +275,9 @@ inline float sum_squares(const T* x, int64_t n) { return dot(x, x, n); }
 template <typename T>
 inline void axpy(float* y, float a, const T* x, int64_t n) {
   int64_t i = 0;
-#ifdef GEMMA3_AVX2
-  __m256 va = _mm256_set1_ps(a);
-  for (; i + 8 <= n; i += 8) store8(y + i, _mm256_fmadd_ps(va, load8(x + i), load8(y + i)));
+#ifdef GEMMA3_SIMD
+  const vf va = vset(a);
+  for (; i + kW <= n; i += kW) vstore(y + i, vfma(va, vload(x + i), vload(y + i)));
 #endif
   for (; i < n; ++i) y[i] += a * to_f32(x[i]);
 }
@@ -213,10 +291,9 @@ inline void scale(float* y, float a, int64_t n) {
 template <typename TX, typename TW, typename TO>
 inline void norm_scale(TO* out, const TX* x, const TW* w, float inv, int64_t n) {
   int64_t i = 0;
-#ifdef GEMMA3_AVX2
-  __m256 vinv = _mm256_set1_ps(inv), one = _mm256_set1_ps(1.f);
-  for (; i + 8 <= n; i += 8)
-    store8(out + i, _mm256_mul_ps(_mm256_mul_ps(load8(x + i), vinv), _mm256_add_ps(one, load8(w + i))));
+#ifdef GEMMA3_SIMD
+  const vf vinv = vset(inv), one = vset(1.f);
+  for (; i + kW <= n; i += kW) vstore(out + i, vmul(vmul(vload(x + i), vinv), vadd(one, vload(w + i))));
 #endif
   for (; i < n; ++i) out[i] = from_f32<TO>(to_f32(x[i]) * inv * (1.f + to_f32(w[i])));
 }
@@ -225,8 +302,8 @@ inline void norm_scale(TO* out, const TX* x, const TW* w, float inv, int64_t n) 
 template <typename TA, typename TB, typename TO>
 inline void add(TO* out, const TA* a, const TB* b, int64_t n) {
   int64_t i = 0;
-#ifdef GEMMA3_AVX2
-  for (; i + 8 <= n; i += 8) store8(out + i, _mm256_add_ps(load8(a + i), load8(b + i)));
+#ifdef GEMMA3_SIMD
+  for (; i + kW <= n; i += kW) vstore(out + i, vadd(vload(a + i), vload(b + i)));
 #endif
   for (; i < n; ++i) out[i] = from_f32<TO>(to_f32(a[i]) + to_f32(b[i]));
 }
@@ -235,8 +312,8 @@ inline void add(TO* out, const TA* a, const TB* b, int64_t n) {
 template <typename TX, typename TO>
 inline void convert(TO* out, const TX* x, int64_t n) {
   int64_t i = 0;
-#ifdef GEMMA3_AVX2
-  for (; i + 8 <= n; i += 8) store8(out + i, load8(x + i));
+#ifdef GEMMA3_SIMD
+  for (; i + kW <= n; i += kW) vstore(out + i, vload(x + i));
 #endif
   for (; i < n; ++i) out[i] = from_f32<TO>(to_f32(x[i]));
 }
