@@ -86,9 +86,10 @@ inc=$cache/include
 mkdir -p "$inc/aarch64-linux-gnu"
 ln -sfn "$root/usr/include/aarch64-linux-gnu/$py" "$inc/aarch64-linux-gnu/$py"
 
-# A copy of the working tree (tracked and new files), so the host's own build is left alone.
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+# A copy of the working tree (tracked and new files), so the host's own build is left alone. It stays in the cache
+# until the next run, with the aarch64 build, for a closer look.
+work=$cache/work
+rm -rf "$work" && mkdir -p "$work"
 git -C "$repo" ls-files -co --exclude-standard -z | (cd "$repo" && xargs -0 tar -cf - --no-recursion) | tar -xf - -C "$work"
 rm -f "$work"/gemma3_fast/_C*.so "$work"/gemma3_fast/_C_build_error.txt
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import platform
+
 import pytest
 import torch
 
@@ -283,7 +285,22 @@ def test_linear_prefill_fp32_backends(onednn):
     torch.testing.assert_close(out, ref.linear(x, w), atol=1e-4, rtol=1e-4)
 
 
+# torch's fp32 matmul on x86-64 (MKL, oneDNN) sums each output element the same way whatever the number of output
+# columns, so a block that projects keys and values alone writes the bits of one that projects q, k and v
+# together. On ARM (oneDNN with ACL) the sums are blocked by shape: there the two agree to rounding.
+IS_X86 = platform.machine().lower() in ("x86_64", "amd64")
+
+
+def assert_same_projection(got: torch.Tensor, want: torch.Tensor) -> None:
+    if IS_X86:
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got, want)  # dtype's default tolerance: fp32 1.3e-6, bf16 1.6e-2 relative
+
+
 def _cpu_has_avx512_bf16() -> bool:
+    if not IS_X86:  # under emulation /proc/cpuinfo is the host's
+        return False
     try:
         with open("/proc/cpuinfo") as f:
             return "avx512_bf16" in f.read()
@@ -322,8 +339,10 @@ def test_linear_prefill_fp32_in_bf16_only_when_allowed(switch):
     if _cpu_has_avx512_bf16():
         torch.testing.assert_close(out, bf16_spec, atol=1e-2, rtol=1e-2)
         assert (out - bf16_spec).abs().max() < (exact - bf16_spec).abs().max()
-    else:
+    elif IS_X86:
         assert torch.equal(out, exact)
+    else:  # oneDNN decides on ARM: it may honor the switch where the CPU has BF16 instructions
+        assert torch.equal(out, exact) or torch.allclose(out, bf16_spec, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(decode, ref.linear(x[:, :1], w), atol=1e-4, rtol=1e-4)
     assert torch.equal(ext.linear(x, w), exact)  # switched back: exact again
 
@@ -631,7 +650,7 @@ def test_decoder_forward_equals_its_composition(start, t, all_logits, int8, dtyp
         tol = (1e-4 if int8 else 1e-5) if dtype == torch.float32 else 1e-2
         torch.testing.assert_close(logits, expected, rtol=tol, atol=tol * expected.abs().max().item())
     for got, want in zip(args[7] + args[8], k_caches + v_caches):
-        assert torch.equal(got, want)
+        assert_same_projection(got, want)
     assert not torch.equal(args[7][0], _forward_args(t, start, dtype, int8, all_logits)[7][0])  # caches written
     ref_logits = ref.decoder_forward(*ref_args)
     tol = (2e-3 if int8 else 1e-4) if dtype == torch.float32 else 5e-2
@@ -654,7 +673,7 @@ def test_decoder_forward_last_token_only_equals_all_logits(start, t, int8, dtype
     tol = (1e-4 if int8 else 1e-5) if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(last, all_rows[-1:], rtol=tol, atol=tol * all_rows.abs().max().item())
     for got, want in zip(args[7] + args[8], every[7] + every[8]):
-        assert torch.equal(got, want)
+        assert_same_projection(got, want)
 
 
 def test_decoder_forward_last_token_only_needs_room_in_the_ring():
