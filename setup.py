@@ -135,10 +135,8 @@ def extension():
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx = compiler()
-    omp_compile, omp_link = openmp_flags(cxx)
-    cflags = ["-O3", "-std=c++17", "-DNDEBUG"] + cpu_target_flags(cxx) + omp_compile
-    kwargs = dict(extra_link_args=omp_link + shared_libstdcxx_link_args(cxx), include_dirs=[os.path.join(here, "csrc")],
+    cflags = ["-O3", "-std=c++17", "-DNDEBUG"]  # the probed target and OpenMP flags are added at build time
+    kwargs = dict(extra_link_args=[], include_dirs=[os.path.join(here, "csrc")],
                   optional=os.environ.get("GEMMA3_FAST_REQUIRE_EXTENSION") != "1")
     if want_cuda():
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
@@ -157,6 +155,18 @@ def build_ext_class():
         The reason is printed and written next to the module's place (BUILD_ERROR_FILE), where the package's
         import warning shows it: pip hides a successful build's output.
         """
+
+        def build_extensions(self):
+            # The compiler is probed here, once, when something is built: not each time pip runs setup.py for
+            # the package's metadata.
+            cxx = compiler()
+            omp_compile, omp_link = openmp_flags(cxx)
+            cflags = cpu_target_flags(cxx) + omp_compile
+            link = omp_link + shared_libstdcxx_link_args(cxx)
+            for ext in self.extensions:
+                ext.extra_compile_args["cxx"] += cflags
+                ext.extra_link_args += link
+            super().build_extensions()
 
         def run(self):
             # setuptools builds into build/ and copies back for --inplace and editable installs; the note goes
