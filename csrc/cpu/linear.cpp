@@ -184,16 +184,29 @@ inline void dot_rows(const float* x, const PreparedX& px, const int8_t* const* w
 #elif defined(GEMMA3_AVX2)
   __m256 f[R];
   for (int j = 0; j < R; ++j) f[j] = _mm256_setzero_ps();
+  // 32 weights per step into two accumulators (16 per step into one ran at ~25 GB/s from L2 on the 2-core EPYC's
+  // x86-64-v3 build, and its speed moved by 25% with the loop's placement in the binary). Each lane still adds
+  // at most 2 products per 16 weights, so the kFlush bound holds for a + b.
+  auto madd = [](__m256i xv, const int8_t* p) {
+    return _mm256_madd_epi16(xv, _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  };
   while (i + 16 <= k) {
-    __m256i a[R];
-    for (int j = 0; j < R; ++j) a[j] = _mm256_setzero_si256();
-    for (const int64_t stop = std::min(k, i + kFlush); i + 16 <= stop; i += 16) {
-      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + i));
-      for (int j = 0; j < R; ++j)
-        a[j] = _mm256_add_epi32(a[j], _mm256_madd_epi16(xv, _mm256_cvtepi8_epi16(_mm_loadu_si128(
-                                                              reinterpret_cast<const __m128i*>(w[j] + i)))));
+    __m256i a[R], b[R];
+    for (int j = 0; j < R; ++j) a[j] = b[j] = _mm256_setzero_si256();
+    const int64_t stop = std::min(k, i + kFlush);
+    for (; i + 32 <= stop; i += 32) {
+      const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + i));
+      const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + i + 16));
+      for (int j = 0; j < R; ++j) {
+        a[j] = _mm256_add_epi32(a[j], madd(x0, w[j] + i));
+        b[j] = _mm256_add_epi32(b[j], madd(x1, w[j] + i + 16));
+      }
     }
-    for (int j = 0; j < R; ++j) f[j] = _mm256_add_ps(f[j], _mm256_cvtepi32_ps(a[j]));
+    for (; i + 16 <= stop; i += 16) {
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + i));
+      for (int j = 0; j < R; ++j) a[j] = _mm256_add_epi32(a[j], madd(xv, w[j] + i));
+    }
+    for (int j = 0; j < R; ++j) f[j] = _mm256_add_ps(f[j], _mm256_cvtepi32_ps(_mm256_add_epi32(a[j], b[j])));
   }
   for (int j = 0; j < R; ++j) out[j] = vec::vhsum(f[j]) * px.q_scale;
 #elif defined(GEMMA3_NEON)
