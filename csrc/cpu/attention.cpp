@@ -101,8 +101,8 @@ constexpr bool kBf16Dot = false;
 // alternating: bf16 1.017-1.019x, fp32 1.010-1.018x. Prefetching the next block's keys and values as well,
 // or into L2 only (prefetcht1), was no better.
 // One block of nb keys (j0 ...) for the G query heads that share a KV head: scores, softmax, P @ V.
-// Each key row is loaded once for all G heads, and the output accumulators are updated 8 (AVX-512: 16, NEON: 4) columns
-// at a time across the whole block, so they stay in registers instead of a load/store per key.
+// Each key row is loaded once for all G heads, and the output accumulators are updated 8 (AVX-512: 16, NEON: 4)
+// columns at a time across the whole block, so they stay in registers instead of a load/store per key.
 // qf: the G query rows in fp32, already scaled; qraw: the same rows unscaled, in T (for bf16 dot products).
 template <int G, typename T, typename KeyFn, typename ValFn>
 void decode_block(const float* qf, const T* qraw, float scale, const KeyFn& key, const ValFn& val, int64_t j0,
