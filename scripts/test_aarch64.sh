@@ -9,8 +9,8 @@
 # What it uses, all cached under $GEMMA3_FAST_AARCH64_CACHE (default ~/.cache/gemma3_fast/aarch64):
 #   - Debian's qemu-user-static, g++-aarch64-linux-gnu, debootstrap and ninja-build (installed with apt-get when
 #     missing and this runs as root; otherwise it names them and stops);
-#   - an arm64 Debian root file system with Python and libgomp ($SUITE, default bookworm: Python 3.11). debootstrap --foreign
-#     only downloads and unpacks it; nothing in it is run but Python itself, through qemu-aarch64-static -L;
+#   - an arm64 Debian root file system with Python and libgomp ($SUITE, default bookworm: Python 3.11).
+#     debootstrap --foreign only downloads and unpacks it; nothing in it runs but Python, via qemu-aarch64-static -L;
 #   - torch's aarch64 CPU wheel ($TORCH_AARCH64, default 2.9.1: the newest aarch64 wheel on PyPI without CUDA)
 #     and the tests' pure-Python dependencies, from PyPI into a folder on the emulated Python's path.
 # The emulated Python runs setup.py as pip would; the compiler it calls (CXX) is the x86-64 cross compiler, which
@@ -71,8 +71,9 @@ site=$cache/site-torch$torch_version
 if [ ! -d "$site/torch" ]; then
   say "torch $torch_version (aarch64) and the test dependencies into $site (once)"
   rm -rf "$site.partial"
-  PIP_ROOT_USER_ACTION=ignore python3 -m pip install -q --no-deps --target "$site.partial" --platform manylinux_2_28_aarch64 \
-    --platform manylinux_2_17_aarch64 --platform manylinux2014_aarch64 --platform linux_aarch64 \
+  PIP_ROOT_USER_ACTION=ignore python3 -m pip install -q --no-deps --target "$site.partial" \
+    --platform manylinux_2_28_aarch64 --platform manylinux_2_17_aarch64 --platform manylinux2014_aarch64 \
+    --platform linux_aarch64 \
     --python-version "${py#python}" --implementation cp --only-binary=:all: "torch==$torch_version" \
     numpy pytest iniconfig packaging pluggy pygments filelock typing-extensions sympy mpmath networkx jinja2 markupsafe \
     fsspec setuptools wheel safetensors tokenizers huggingface-hub pyyaml tqdm gguf requests \
@@ -90,7 +91,8 @@ ln -sfn "$root/usr/include/aarch64-linux-gnu/$py" "$inc/aarch64-linux-gnu/$py"
 # until the next run, with the aarch64 build, for a closer look.
 work=$cache/work
 rm -rf "$work" && mkdir -p "$work"
-git -C "$repo" ls-files -co --exclude-standard -z | (cd "$repo" && xargs -0 tar -cf - --no-recursion) | tar -xf - -C "$work"
+git -C "$repo" ls-files -co --exclude-standard -z | (cd "$repo" && xargs -0 tar -cf - --no-recursion) |
+  tar -xf - -C "$work"
 rm -f "$work"/gemma3_fast/_C*.so "$work"/gemma3_fast/_C_build_error.txt
 
 emulated() {
@@ -103,7 +105,8 @@ cd "$work"
 say "building for aarch64 (-march=$march), torch $torch_version"
 build_started=$(date +%s)
 GEMMA3_FAST_MARCH=$march GEMMA3_FAST_REQUIRE_EXTENSION=1 MAX_JOBS=$(nproc) \
-  emulated setup.py build_ext --inplace > build.log 2>&1 || { grep -E "error|gemma3_fast:" build.log | head -40; exit 1; }
+  emulated setup.py build_ext --inplace > build.log 2>&1 ||
+  { grep -E "error|gemma3_fast:" build.log | head -40; exit 1; }
 grep "^gemma3_fast:" build.log >&2 || true
 say "built in $(( $(date +%s) - build_started )) s"
 emulated -c "

@@ -99,7 +99,9 @@ inline vf vpow2i(vf n) {
 inline vf vnan_or(vf acc, vf v) { return _mm256_or_ps(acc, _mm256_cmp_ps(v, v, _CMP_UNORD_Q)); }
 inline bool vany(vf mask) { return _mm256_movemask_ps(mask) != 0; }
 // Bit i set where a[i] == b[i].
-inline unsigned veq_bits(vf a, vf b) { return static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(a, b, _CMP_EQ_OQ))); }
+inline unsigned veq_bits(vf a, vf b) {
+  return static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(a, b, _CMP_EQ_OQ)));
+}
 // q[0..kW) = round_to_nearest_even(v / s), saturated to int16.
 inline void vquantize_i16(int16_t* q, vf v, vf s) {
   const __m256i i = _mm256_cvtps_epi32(_mm256_div_ps(v, s));
