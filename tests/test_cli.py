@@ -89,7 +89,7 @@ def test_errors_after_parsing_are_one_clear_line(default_folder, tmp_path, capsy
     assert "does not exist" in capsys.readouterr().err
     (tmp_path / "bad.gguf").write_bytes(b"not a gguf at all")
     assert main(["--model", str(tmp_path / "bad.gguf")]) == 1
-    assert "bad.gguf: not a readable GGUF file" in capsys.readouterr().err
+    assert "bad.gguf: not a GGUF file (no GGUF magic)" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert main(["--device", "cuda"]) == 1
         assert "no CUDA GPU is available" in capsys.readouterr().err

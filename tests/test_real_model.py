@@ -26,9 +26,25 @@ def hf_model(default_folder):
                                              attn_implementation="eager").eval()
 
 
-@pytest.fixture(scope="module", params=BACKENDS)
-def lm(request, default_folder) -> Gemma3LM:
+# "native": the GGUF itself on the block kernels (the default run); the others load the fp32 folder converted from it.
+@pytest.fixture(scope="module", params=BACKENDS + (["native"] if ops.EXTENSION_AVAILABLE else []))
+def lm(request, default_folder, default_gguf) -> Gemma3LM:
+    if request.param == "native":
+        model, tok = load_model_and_tokenizer(default_gguf, "auto", "cpu", "extension")
+        assert model.gguf_blocks
+        return Gemma3LM(model, tok)
     return Gemma3LM(*load_model_and_tokenizer(default_folder, "float32", "cpu", request.param))
+
+
+def test_oracle_is_transformers_reading_the_gguf(hf_model, default_gguf):
+    """The oracle (transformers on the converted folder) is transformers reading the GGUF itself: same weights."""
+    from transformers import Gemma3ForCausalLM
+
+    direct = Gemma3ForCausalLM.from_pretrained(default_gguf.parent, gguf_file=default_gguf.name,
+                                               torch_dtype=torch.float32)
+    a, b = direct.state_dict(), hf_model.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def ids_of(lm: Gemma3LM, text: str, n_tokens: int | None = None) -> list[int]:

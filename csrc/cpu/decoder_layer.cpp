@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "../checks.h"
+#include "gguf_blocks.h"
 #include "kernels.h"
 #include "vec.h"
 
@@ -98,17 +99,22 @@ std::tuple<at::Tensor, at::Tensor> decoder_block(const at::Tensor& h, const at::
   check_dim(h, 2, "h", "[tokens, hidden]");
   TORCH_CHECK(y.sizes() == h.sizes(), "gemma3_fast: y has shape ", y.sizes(), " but h has ", h.sizes());
   TORCH_CHECK(num_heads > 0, "gemma3_fast: num_heads must be > 0, got ", num_heads);
-  for (size_t i = 0; i < 4; ++i) check_dim(weights[i], 2, kWeightNames[i], "[out_features, in_features]");
+  int64_t in[4];  // in_features of each weight ([out, in], or GGUF blocks [out, blocks, bytes])
+  for (size_t i = 0; i < 4; ++i) {
+    if (!gguf::is_block_weight(weights[i])) check_dim(weights[i], 2, kWeightNames[i], "[out_features, in_features]");
+    else gguf::block_format(weights[i], kWeightNames[i]);
+    in[i] = gguf::in_features(weights[i]);
+  }
   const int64_t t = h.size(0), hidden = h.size(1), d = norms[0].numel();
   const int64_t qkv_heads = d > 0 ? weights[0].size(0) / d : 0;
   TORCH_CHECK(d > 0 && weights[0].size(0) % d == 0 && qkv_heads > num_heads && (qkv_heads - num_heads) % 2 == 0,
               "gemma3_fast: ", kWeightNames[0], " has ", weights[0].size(0), " rows, expected (num_heads + 2 * ",
               "kv_heads) * head_dim with num_heads=", num_heads, " and head_dim=", d, " (the q norm's size)");
   const int64_t hk = (qkv_heads - num_heads) / 2, inter2 = weights[2].size(0);
-  TORCH_CHECK(weights[1].size(1) == num_heads * d, "gemma3_fast: ", kWeightNames[1], " has in_features ",
-              weights[1].size(1), ", expected num_heads * head_dim = ", num_heads * d);
-  TORCH_CHECK(inter2 % 2 == 0 && weights[3].size(1) == inter2 / 2, "gemma3_fast: ", kWeightNames[2], " has ",
-              inter2, " rows, expected twice ", kWeightNames[3], "'s in_features (", weights[3].size(1), ")");
+  TORCH_CHECK(in[1] == num_heads * d, "gemma3_fast: ", kWeightNames[1], " has in_features ", in[1],
+              ", expected num_heads * head_dim = ", num_heads * d);
+  TORCH_CHECK(inter2 % 2 == 0 && in[3] == inter2 / 2, "gemma3_fast: ", kWeightNames[2], " has ", inter2,
+              " rows, expected twice ", kWeightNames[3], "'s in_features (", in[3], ")");
   TORCH_CHECK(weights[1].size(0) == hidden && weights[3].size(0) == hidden, "gemma3_fast: o_proj and down_proj ",
               "must have ", hidden, " (hidden) rows, got ", weights[1].size(0), " and ", weights[3].size(0));
   if (last_token_only && write_cache && last_token_fits(k_cache, positions, window, ring))
@@ -207,8 +213,13 @@ at::Tensor decoder_hidden_cpu(const at::Tensor& ids, const at::Tensor& positions
   TORCH_CHECK(ids.scalar_type() == at::kLong && ids.dim() == 1 && ids.numel() > 0, "gemma3_fast: ids must be a "
               "non-empty int64 tensor [tokens], got ", ids.scalar_type(), " of shape ", ids.sizes());
   check_contiguous(ids, "ids");
-  check_dim(embed_weight, 2, "embed_weight", "[vocab, hidden]");
-  check_float_tensor(embed_weight, "embed_weight");
+  const bool blocks = gguf::is_block_weight(embed_weight);  // GGUF blocks: rows dequantized, fp32 activations
+  if (blocks) {
+    gguf::block_format(embed_weight, "embed_weight");
+  } else {
+    check_dim(embed_weight, 2, "embed_weight", "[vocab, hidden]");
+    check_float_tensor(embed_weight, "embed_weight");
+  }
   check_same_device(ids, embed_weight, "ids");
   const int64_t vocab = embed_weight.size(0);
   const int64_t* id = ids.data_ptr<int64_t>();
@@ -226,10 +237,11 @@ at::Tensor decoder_hidden_cpu(const at::Tensor& ids, const at::Tensor& positions
   // Loops instead of ATen calls here: at decode each call cost 5-40 us, its code and data evicted by the weights
   // streaming past between steps (embedding + mul_ took 82 us, the ten ops of the RoPE tables 48).
   // h = embedding rows x embed_scale, rounded once to the weight dtype, as embedding(...).mul_(embed_scale) does.
-  const int64_t t = ids.numel(), hidden = embed_weight.size(1);
+  const int64_t t = ids.numel(), hidden = gguf::in_features(embed_weight);
   check_contiguous(embed_weight, "embed_weight");
-  at::Tensor h = at::empty({t, hidden}, embed_weight.options());
-  dispatch_float_bf16(embed_weight.scalar_type(), [&](auto tag) {
+  at::Tensor h = at::empty({t, hidden}, embed_weight.options().dtype(blocks ? at::kFloat : embed_weight.scalar_type()));
+  if (blocks) block_embedding_rows(embed_weight, id, t, static_cast<float>(embed_scale), h.data_ptr<float>());
+  else dispatch_float_bf16(embed_weight.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const T* e = embed_weight.data_ptr<T>();
     T* out = h.data_ptr<T>();

@@ -28,6 +28,13 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Ten
 at::Tensor gelu_tanh_mul_cpu(const at::Tensor& gate_up);
 at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& scales);
 at::Tensor argmax_cpu(const at::Tensor& x);
+// fp32 x @ w^T through oneDNN's matmul where torch has it (the prefill matmul), else torch's.
+at::Tensor matmul_fp32(const at::Tensor& x, const at::Tensor& w);
+// linear_cpu and linear_argmax_cpu on GGUF blocks (gguf_linear.cpp); linear_cpu sends such weights there.
+at::Tensor block_linear_cpu(const at::Tensor& x, const at::Tensor& weight);
+int64_t block_linear_argmax_cpu(const at::Tensor& x, const at::Tensor& weight);
+// out[i] = dequantized row ids[i] of the block weight, times scale: the embedding lookup of a GGUF token_embd.
+void block_embedding_rows(const at::Tensor& weight, const int64_t* ids, int64_t count, float scale, float* out);
 // argmax_cpu(linear_cpu(x, weight, scales)) of one token x [1, K] (or [K]), found while the logits are written.
 int64_t linear_argmax_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& scales);
 // decoder_forward up to the head: the last block's output (final norm applied) [T, hidden], or with

@@ -18,6 +18,7 @@
 
 #include "../checks.h"
 #include "argmax.h"
+#include "gguf_blocks.h"
 #include "kernels.h"
 #include "vec.h"
 
@@ -288,6 +289,8 @@ void gemv_rows(const float* x, const std::vector<PreparedX>& px, int64_t tokens,
     for (int64_t r = r0 + kStreams * part; r < r1; ++r) rows_at<1>(x, px, tokens, w, scales, out, n, k, r, 0);
 }
 
+}  // namespace
+
 // fp32 x @ W^T for prefill. torch's matmul goes to MKL's sgemm; oneDNN's fp32 matmul, which torch ships and
 // calls through the mkldnn::_linear_pointwise op, runs the model's prefill shapes (512 tokens x 640..4096) at
 // ~200-215 GFLOP/s on the 2-core EPYC against MKL's ~130-185, same fp32 arithmetic. Builds of torch without
@@ -306,6 +309,8 @@ at::Tensor matmul_fp32(const at::Tensor& x, const at::Tensor& w) {
   shape.back() = w.size(0);
   return onednn->call(x2, w, std::nullopt, "none", c10::List<std::optional<c10::Scalar>>(), std::nullopt).view(shape);
 }
+
+namespace {
 
 // torch.backends.mkldnn.matmul.fp32_precision = "bf16" is torch's switch that lets oneDNN's fp32 matmuls compute
 // in bf16 (fp32 accumulation), and the fp32 prefill matmul here is oneDNN's. On CPUs with AVX512-BF16 it then
@@ -341,11 +346,24 @@ at::Tensor linear_impl(const at::Tensor& x, const at::Tensor& weight, const std:
 
 }  // namespace
 
+// GGUF block weights (uint8 [rows, blocks, block_bytes]) go to gguf_linear.cpp; their scales are in the blocks.
+void check_no_scales_for_blocks(const at::Tensor& weight, const std::optional<at::Tensor>& scales) {
+  TORCH_CHECK(!scales.has_value(), "gemma3_fast: scales are only for int8 weights, but weight holds GGUF blocks");
+}
+
 at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& scales) {
+  if (gguf::is_block_weight(weight)) {
+    check_no_scales_for_blocks(weight, scales);
+    return block_linear_cpu(x, weight);
+  }
   return linear_impl(x, weight, scales, nullptr);
 }
 
 int64_t linear_argmax_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& scales) {
+  if (gguf::is_block_weight(weight)) {
+    check_no_scales_for_blocks(weight, scales);
+    return block_linear_argmax_cpu(x, weight);
+  }
   TORCH_CHECK(x.numel() == x.size(-1), "gemma3_fast: linear_argmax takes one token, got x of shape ", x.sizes());
   ArgmaxSink sink;
   linear_impl(x, weight, scales, &sink);
@@ -359,7 +377,7 @@ at::Tensor linear_impl(const at::Tensor& x, const at::Tensor& weight, const std:
   check_float_tensor(x, "x");
   check_contiguous(x, "x");
   TORCH_CHECK(x.dim() >= 1, "gemma3_fast: x must have a feature dimension, got shape ", x.sizes());
-  check_dim(weight, 2, "weight", "[out_features, in_features]");
+  check_dim(weight, 2, "weight", "[out_features, in_features] (or GGUF blocks: uint8 [rows, blocks, bytes])");
   check_contiguous(weight, "weight");
   check_same_device(weight, x, "weight");
   const int64_t k = x.size(-1), n = weight.size(0);

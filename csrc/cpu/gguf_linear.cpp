@@ -1,0 +1,306 @@
+// y = x @ W^T straight from GGUF blocks (gguf_blocks.h), activations in fp32.
+//
+// Decode (a few tokens) streams each block once: its integers are unpacked in registers (AVX2 byte ops, shared by
+// the AVX-512 build), widened to fp32 and multiplied with x; the block's scale multiplies the 32-weight sum once,
+// and a Q4_K/Q5_K min multiplies the sum of x over those 32 inputs (computed once per token, not per row).
+// That is linear on the dequantized weight with the products regrouped: equal up to fp32 rounding order.
+// Prefill (many tokens) dequantizes tiles of rows into an fp32 buffer and runs the fp32 matmul on each.
+// Without AVX2 (NEON, scalar builds), the reference decoding feeds plain loops the compiler vectorizes.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <mutex>
+#include <vector>
+
+#include "../checks.h"
+#include "argmax.h"
+#include "gguf_blocks.h"
+#include "kernels.h"
+#include "vec.h"
+
+namespace gemma3_fast {
+namespace {
+
+using gguf::Format;
+using gguf::Type;
+
+#ifdef GEMMA3_AVX2
+inline float fp16_at(const uint8_t* p) {
+#ifdef __F16C__
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+#else
+  return gguf::fp16(p);
+#endif
+}
+
+inline __m256i load32(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline __m256i low_nibbles(__m256i v) { return _mm256_and_si256(v, _mm256_set1_epi8(0x0F)); }
+inline __m256i high_nibbles(__m256i v) { return _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(0x0F)); }
+
+// Byte i of the result is 0xFF where bit i of the 32-bit word at p is set, else 0.
+inline __m256i bits_to_bytes(const uint8_t* p) {
+  uint32_t bits;
+  std::memcpy(&bits, p, 4);
+  const __m256i spread = _mm256_shuffle_epi8(
+      _mm256_set1_epi32(static_cast<int>(bits)),
+      _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0x0000000000000000));
+  const __m256i select = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ull));
+  return _mm256_cmpeq_epi8(_mm256_and_si256(spread, select), select);
+}
+
+// The 16 weights of the nibbles in v (16 bytes): low nibbles first, then high ones, as Q4_0/Q5_0 order them.
+inline __m256i nibbles_in_order(const uint8_t* p) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i m = _mm_set1_epi8(0x0F);
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m));
+}
+
+#if defined(__AVX512F__)
+using acc_t = __m512;
+inline acc_t acc_zero() { return _mm512_setzero_ps(); }
+// x[0:32] times the 32 int8 weights in q: the products of weights 0-15 summed lane-wise into lo, 16-31 into hi.
+inline void dot32(const float* x, __m256i q, acc_t& lo, acc_t& hi) {
+  lo = _mm512_mul_ps(_mm512_loadu_ps(x), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q))));
+  hi = _mm512_mul_ps(_mm512_loadu_ps(x + 16),
+                     _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1))));
+}
+inline acc_t acc_add(acc_t a, acc_t b) { return _mm512_add_ps(a, b); }
+inline acc_t acc_fma(acc_t p, float d, acc_t acc) { return _mm512_fmadd_ps(p, _mm512_set1_ps(d), acc); }
+inline float acc_sum(acc_t a) { return _mm512_reduce_add_ps(a); }
+#else
+using acc_t = __m256;
+inline acc_t acc_zero() { return _mm256_setzero_ps(); }
+inline void dot32(const float* x, __m256i q, acc_t& lo, acc_t& hi) {
+  const __m128i q0 = _mm256_castsi256_si128(q), q1 = _mm256_extracti128_si256(q, 1);
+  auto widen = [](__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)); };
+  lo = _mm256_fmadd_ps(_mm256_loadu_ps(x + 8), widen(_mm_srli_si128(q0, 8)),
+                       _mm256_mul_ps(_mm256_loadu_ps(x), widen(q0)));
+  hi = _mm256_fmadd_ps(_mm256_loadu_ps(x + 24), widen(_mm_srli_si128(q1, 8)),
+                       _mm256_mul_ps(_mm256_loadu_ps(x + 16), widen(q1)));
+}
+inline acc_t acc_add(acc_t a, acc_t b) { return _mm256_add_ps(a, b); }
+inline acc_t acc_fma(acc_t p, float d, acc_t acc) { return _mm256_fmadd_ps(p, _mm256_set1_ps(d), acc); }
+inline float acc_sum(acc_t a) { return vec::vhsum(a); }
+#endif
+
+// dot(x, row) for one row of `blocks` blocks of format T; xsum[j] = sum of x over inputs [32j, 32j + 32).
+// Two accumulators, even and odd blocks (or sub-blocks), so that the FMAs do not wait on each other.
+template <Type T>
+float row_dot(const float* x, const float* xsum, const uint8_t* b, int64_t blocks) {
+  acc_t a0 = acc_zero(), a1 = acc_zero();
+  float mins = 0.f;
+  acc_t lo, hi;
+  if constexpr (T == Type::Q8_0 || T == Type::Q4_0 || T == Type::Q5_0) {
+    constexpr int64_t bytes = T == Type::Q8_0 ? 34 : T == Type::Q4_0 ? 18 : 22;
+    for (int64_t i = 0; i < blocks; ++i, b += bytes, x += 32) {
+      __m256i q;
+      if constexpr (T == Type::Q8_0) {
+        q = load32(b + 2);
+      } else if constexpr (T == Type::Q4_0) {
+        q = _mm256_sub_epi8(nibbles_in_order(b + 2), _mm256_set1_epi8(8));
+      } else {
+        const __m256i high = _mm256_and_si256(bits_to_bytes(b + 2), _mm256_set1_epi8(0x10));
+        q = _mm256_sub_epi8(_mm256_or_si256(nibbles_in_order(b + 6), high), _mm256_set1_epi8(16));
+      }
+      dot32(x, q, lo, hi);
+      if (i % 2 == 0) a0 = acc_fma(acc_add(lo, hi), fp16_at(b), a0);
+      else a1 = acc_fma(acc_add(lo, hi), fp16_at(b), a1);
+    }
+  } else if constexpr (T == Type::Q4_K || T == Type::Q5_K) {
+    constexpr bool five = T == Type::Q5_K;
+    constexpr int64_t bytes = five ? 176 : 144;
+    for (int64_t i = 0; i < blocks; ++i, b += bytes, x += 256, xsum += 8) {
+      const float d = fp16_at(b), dmin = fp16_at(b + 2);
+      const uint8_t* qs = b + (five ? 48 : 16);
+      __m256i qh;
+      if constexpr (five) qh = load32(b + 16);
+      float block_min = 0.f;
+      for (int p = 0; p < 4; ++p) {  // sub-blocks 2p (low nibbles) and 2p + 1 (high nibbles) of 32 bytes
+        int sc0, m0, sc1, m1;
+        gguf::k4_scale_min(2 * p, b + 4, sc0, m0);
+        gguf::k4_scale_min(2 * p + 1, b + 4, sc1, m1);
+        const __m256i v = load32(qs + 32 * p);
+        __m256i q0 = low_nibbles(v), q1 = high_nibbles(v);
+        if constexpr (five) {
+          const __m256i bit0 = _mm256_set1_epi8(static_cast<char>(1 << (2 * p)));
+          const __m256i bit1 = _mm256_set1_epi8(static_cast<char>(1 << (2 * p + 1)));
+          const __m256i sixteen = _mm256_set1_epi8(0x10);
+          q0 = _mm256_or_si256(q0, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, bit0), bit0), sixteen));
+          q1 = _mm256_or_si256(q1, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, bit1), bit1), sixteen));
+        }
+        dot32(x + 64 * p, q0, lo, hi);
+        a0 = acc_fma(acc_add(lo, hi), d * static_cast<float>(sc0), a0);
+        dot32(x + 64 * p + 32, q1, lo, hi);
+        a1 = acc_fma(acc_add(lo, hi), d * static_cast<float>(sc1), a1);
+        block_min += dmin * static_cast<float>(m0) * xsum[2 * p] + dmin * static_cast<float>(m1) * xsum[2 * p + 1];
+      }
+      mins += block_min;
+    }
+  } else {  // Q6_K: ql[128], qh[64], int8 scales[16] (one per 16 weights), d
+    for (int64_t i = 0; i < blocks; ++i, b += 210, x += 256) {
+      const float d = fp16_at(b + 208);
+      const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+      for (int n = 0; n < 2; ++n) {
+        const __m256i l0 = load32(b + 64 * n), l1 = load32(b + 64 * n + 32), h = load32(b + 128 + 32 * n);
+        const __m256i three0 = _mm256_set1_epi8(0x30), off = _mm256_set1_epi8(32);
+        const __m256i q[4] = {
+            _mm256_or_si256(low_nibbles(l0), _mm256_and_si256(_mm256_slli_epi16(h, 4), three0)),
+            _mm256_or_si256(low_nibbles(l1), _mm256_and_si256(_mm256_slli_epi16(h, 2), three0)),
+            _mm256_or_si256(high_nibbles(l0), _mm256_and_si256(h, three0)),
+            _mm256_or_si256(high_nibbles(l1), _mm256_and_si256(_mm256_srli_epi16(h, 2), three0)),
+        };
+        const float* xn = x + 128 * n;
+        const int8_t* s = sc + 8 * n;
+        for (int j = 0; j < 4; ++j) {
+          dot32(xn + 32 * j, _mm256_sub_epi8(q[j], off), lo, hi);
+          a0 = acc_fma(lo, d * static_cast<float>(s[2 * j]), a0);
+          a1 = acc_fma(hi, d * static_cast<float>(s[2 * j + 1]), a1);
+        }
+      }
+    }
+  }
+  return acc_sum(acc_add(a0, a1)) - mins;
+}
+#else
+// Plain loops on the reference decoding: the compiler vectorizes the 32-weight products.
+template <Type T>
+float row_dot(const float* x, const float* xsum, const uint8_t* b, int64_t blocks) {
+  const Format& f = *gguf::format_of(T == Type::Q4_0 ? 18 : T == Type::Q5_0 ? 22 : T == Type::Q8_0 ? 34 :
+                                     T == Type::Q4_K ? 144 : T == Type::Q5_K ? 176 : 210);
+  gguf::Decoded dec;
+  float total = 0.f;
+  for (int64_t i = 0; i < blocks; ++i, b += f.block_bytes, x += f.block_elems, xsum += f.block_elems / 32) {
+    gguf::decode_block(T, b, dec);
+    for (int64_t g = 0; g < f.block_elems / dec.group; ++g) {
+      float s = 0.f;
+      for (int l = 0; l < dec.group; ++l) s += x[g * dec.group + l] * static_cast<float>(dec.q[g * dec.group + l]);
+      total += dec.scale[g] * s;
+    }
+    for (int64_t j = 0; j < f.block_elems / 32; ++j) total -= dec.min[j] * xsum[j];
+  }
+  return total;
+}
+#endif
+
+using RowDot = float (*)(const float*, const float*, const uint8_t*, int64_t);
+
+RowDot row_dot_for(Type t) {
+  switch (t) {
+    case Type::Q4_0: return row_dot<Type::Q4_0>;
+    case Type::Q5_0: return row_dot<Type::Q5_0>;
+    case Type::Q8_0: return row_dot<Type::Q8_0>;
+    case Type::Q4_K: return row_dot<Type::Q4_K>;
+    case Type::Q5_K: return row_dot<Type::Q5_K>;
+    case Type::Q6_K: return row_dot<Type::Q6_K>;
+  }
+  return nullptr;
+}
+
+struct ArgmaxSink {
+  std::mutex mutex;
+  Best best;
+  void add(const Best& b) {
+    std::lock_guard<std::mutex> lock(mutex);
+    best = combine_any(best, b);
+  }
+};
+
+constexpr int64_t kMaxGemvTokens = 8;  // as linear.cpp: beyond this, dequantized tiles and the fp32 matmul
+
+// Rows [r0, r1) of w dequantized into out [r1 - r0, k].
+void dequantize_rows(const Format& f, const uint8_t* w, int64_t row_bytes, int64_t r0, int64_t r1, float* out,
+                     int64_t k) {
+  at::parallel_for(r0, r1, 16, [&](int64_t a, int64_t b) {
+    for (int64_t r = a; r < b; ++r) gguf::dequantize_blocks(f, w + r * row_bytes, k / f.block_elems, out + (r - r0) * k);
+  });
+}
+
+at::Tensor block_linear(const at::Tensor& x_in, const at::Tensor& weight, ArgmaxSink* argmax) {
+  const Format& f = gguf::block_format(weight, "weight");
+  check_float_tensor(x_in, "x");
+  check_contiguous(x_in, "x");
+  check_same_device(weight, x_in, "weight");
+  TORCH_CHECK(x_in.dim() >= 1, "gemma3_fast: x must have a feature dimension, got shape ", x_in.sizes());
+  const int64_t k = x_in.size(-1), n = weight.size(0), blocks = weight.size(1), row_bytes = blocks * f.block_bytes;
+  TORCH_CHECK(blocks * f.block_elems == k, "gemma3_fast: weight (", f.name, " blocks) has in_features ",
+              blocks * f.block_elems, " (", blocks, " blocks of ", f.block_elems, ") but x has ", k, " features");
+  std::vector<int64_t> out_shape(x_in.sizes().begin(), x_in.sizes().end());
+  out_shape.back() = n;
+  const at::Tensor x = x_in.scalar_type() == at::kFloat ? x_in : x_in.to(at::kFloat);
+  const int64_t tokens = x.numel() / k;
+  const uint8_t* w = weight.data_ptr<uint8_t>();
+
+  if (tokens > kMaxGemvTokens) {
+    const at::Tensor x2 = x.reshape({tokens, k});
+    at::Tensor out = at::empty({tokens, n}, x.options());
+    // Tiles of ~4M weights (16 MB in fp32): a whole projection of the 270M model in one matmul, the output head
+    // in ~40 tiles.
+    const int64_t tile = std::max<int64_t>(64, (int64_t{1} << 22) / k);
+    at::Tensor buf = at::empty({std::min(tile, n), k}, x.options());
+    for (int64_t r0 = 0; r0 < n; r0 += tile) {
+      const int64_t r1 = std::min(n, r0 + tile);
+      at::Tensor wt = buf.narrow(0, 0, r1 - r0);
+      dequantize_rows(f, w, row_bytes, r0, r1, wt.data_ptr<float>(), k);
+      const at::Tensor y = matmul_fp32(x2, wt);
+      if (r0 == 0 && r1 == n) out = y;
+      else out.narrow(1, r0, r1 - r0).copy_(y);
+    }
+    return out.view(out_shape).to(x_in.scalar_type());
+  }
+
+  const float* xp = x.data_ptr<float>();
+  std::vector<float> xsum(tokens * (k / 32));
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int64_t j = 0; j < k / 32; ++j) {
+      float s = 0.f;
+      for (int l = 0; l < 32; ++l) s += xp[t * k + 32 * j + l];
+      xsum[t * (k / 32) + j] = s;
+    }
+  at::Tensor out = at::empty(out_shape, x.options());
+  float* op = out.data_ptr<float>();
+  const RowDot dot = row_dot_for(f.type);
+  at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint8_t* row = w + r * row_bytes;
+      for (int64_t t = 0; t < tokens; ++t) op[t * n + r] = dot(xp + t * k, xsum.data() + t * (k / 32), row, blocks);
+    }
+    if (argmax != nullptr) argmax->add(range_argmax(op, r0, r1));
+  });
+  return x_in.scalar_type() == at::kFloat ? out : out.to(x_in.scalar_type());
+}
+
+}  // namespace
+
+at::Tensor block_linear_cpu(const at::Tensor& x, const at::Tensor& weight) { return block_linear(x, weight, nullptr); }
+
+int64_t block_linear_argmax_cpu(const at::Tensor& x, const at::Tensor& weight) {
+  TORCH_CHECK(x.numel() == x.size(-1), "gemma3_fast: linear_argmax takes one token, got x of shape ", x.sizes());
+  ArgmaxSink sink;
+  block_linear(x, weight, &sink);
+  return sink.best.index;
+}
+
+void block_embedding_rows(const at::Tensor& weight, const int64_t* ids, int64_t count, float scale, float* out) {
+  const Format& f = gguf::block_format(weight, "embed_weight");
+  const int64_t blocks = weight.size(1), k = blocks * f.block_elems, row_bytes = blocks * f.block_bytes;
+  const uint8_t* w = weight.data_ptr<uint8_t>();
+  for (int64_t i = 0; i < count; ++i) {
+    gguf::dequantize_blocks(f, w + ids[i] * row_bytes, blocks, out + i * k);
+    for (int64_t j = 0; j < k; ++j) out[i * k + j] *= scale;
+  }
+}
+
+at::Tensor dequantize_cpu(const at::Tensor& blocks) {
+  const Format& f = gguf::block_format(blocks, "blocks");
+  const int64_t n = blocks.size(0), k = blocks.size(1) * f.block_elems;
+  at::Tensor out = at::empty({n, k}, blocks.options().dtype(at::kFloat));
+  dequantize_rows(f, blocks.data_ptr<uint8_t>(), blocks.size(1) * f.block_bytes, 0, n, out.data_ptr<float>(), k);
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(gemma3_fast, CPU, m) { m.impl("dequantize", &dequantize_cpu); }
+
+}  // namespace gemma3_fast
