@@ -241,6 +241,15 @@ class GGUFFile:
         if hasattr(mmap, "MADV_DONTNEED"):
             self._map.madvise(mmap.MADV_DONTNEED)
 
+    def release(self, tensor: torch.Tensor) -> None:
+        """Drop this process's pages of the file under `tensor` (a view of the mapping, already copied)."""
+        base, ptr = self._data.data_ptr(), tensor.data_ptr()
+        nbytes = tensor.numel() * tensor.element_size()
+        if not hasattr(mmap, "MADV_DONTNEED") or not base <= ptr < base + len(self._map):
+            return
+        start = (ptr - base) // mmap.PAGESIZE * mmap.PAGESIZE
+        self._map.madvise(mmap.MADV_DONTNEED, start, min(len(self._map), ptr - base + nbytes) - start)
+
     def tokenizer(self):
         tokens = self.field("tokenizer.ggml.tokens")
         if tokens is None:
@@ -266,4 +275,5 @@ class GGUFFile:
                     print(file=sys.stderr)
             return read(name)
 
+        get.release = self.release  # build_model calls it for tensors it copies out of the mapping
         return get

@@ -20,6 +20,7 @@ from torch import nn
 
 HUGE_PAGE = 2 << 20
 _MIN_BYTES = 1 << 20  # smaller tensors (norm vectors) gain nothing: they stay where they are
+_COPY_CHUNK = 16 << 20
 _ALIGN = 4096  # each weight starts on its own page: SIMD-aligned rows, no false sharing between tensors
 
 
@@ -41,9 +42,11 @@ def huge_page_buffer(nbytes: int) -> torch.Tensor:
     return raw[start:start + nbytes]
 
 
-def place_on_huge_pages(model: nn.Module, min_bytes: int = _MIN_BYTES) -> int:
+def place_on_huge_pages(model: nn.Module, min_bytes: int = _MIN_BYTES, after_copy=None) -> int:
     """Move the model's CPU parameters and buffers of at least min_bytes (each once, tied ones together) into
-    one huge-page arena, in place. Returns the arena's size (0 when disabled or nothing qualifies)."""
+    one huge-page arena, in place. after_copy(old) is called with each original once it is copied (a GGUF
+    mapping drops its pages there, so that the file's pages and the copy never both count). Returns the arena's
+    size (0 when disabled or nothing qualifies)."""
     if not enabled():
         return 0
     tensors: dict[int, torch.Tensor] = {}
@@ -60,6 +63,12 @@ def place_on_huge_pages(model: nn.Module, min_bytes: int = _MIN_BYTES) -> int:
     for key, t in tensors.items():
         nbytes = t.numel() * t.element_size()
         view = arena[offsets[key]:offsets[key] + nbytes].view(t.dtype).view(t.shape)
-        view.copy_(t)
+        old = t.data
+        flat_old, flat_new = old.reshape(-1), view.reshape(-1)
+        step = max(1, _COPY_CHUNK // t.element_size())
+        for a in range(0, flat_old.numel(), step):  # in chunks, each source chunk released as soon as copied
+            flat_new[a:a + step].copy_(flat_old[a:a + step])
+            if after_copy is not None:
+                after_copy(flat_old[a:a + step])
         t.data = view  # every module holding this parameter (tied ones too) now reads the arena
     return total
