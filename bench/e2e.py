@@ -2,7 +2,7 @@
 weights (the default Gemma 3 270M), same threads, one run. Also: measured memory bandwidth and the decode
 roofline per dtype, decode speed at position ~100 vs ~4000, and int8 quality against bf16.
 
-    python bench/e2e.py                  # the README's table (about 12 minutes on 2 cores; 14 with --llama-cpp)
+    python bench/e2e.py                  # the README's table (about 14 minutes on 2 cores; 17 with --llama-cpp)
     python bench/e2e.py --llama-cpp      # adds llama-cpp-python on the same GGUF, if it is installed
     python bench/e2e.py --json out.json  # the raw numbers elsewhere (default bench/raw/e2e.json)
 
@@ -34,7 +34,8 @@ HERE = Path(__file__).resolve().parent
 TEXT = (HERE / "data" / "printing_press.txt").read_text()
 PROMPT_TOKENS, DECODE_STEPS = 512, 128
 
-ENGINES = [  # (engine, backend, dtype, quantize)
+ENGINES = [  # (engine, backend, dtype, quantize); dtype "auto": the default run, the GGUF on its block kernels
+    ("gemma3_fast", "extension", "auto", "none"),
     ("gemma3_fast", "extension", "float32", "none"),
     ("gemma3_fast", "extension", "bfloat16", "none"),
     ("gemma3_fast", "extension", "bfloat16", "int8"),
@@ -69,9 +70,12 @@ def median_prefill(run_once) -> float:
 
 
 def bench_gemma3_fast(backend, dtype, quantize, long_context):
-    from gemma3_fast.loading import load_model_and_tokenizer
+    from gemma3_fast.loading import default_model_dir, load_model_and_tokenizer
 
-    model, tok = load_model_and_tokenizer(None, dtype, "cpu", backend, quantize=quantize)
+    # "auto": the default model as the CLI runs it (its GGUF, natively); the others: its Hugging Face folder (fp32
+    # safetensors, converted from the same GGUF) loaded in the row's dtype, as a user's folder loads.
+    source = None if dtype == "auto" else default_model_dir()
+    model, tok = load_model_and_tokenizer(source, dtype, "cpu", backend, quantize=quantize)
     ids = torch.tensor(prompt_ids(tok, PROMPT_TOKENS))
 
     def decode_speeds(prompts: list[torch.Tensor], steps: int, probe: BandwidthProbe | None = None) -> list[float]:
@@ -247,6 +251,47 @@ def bench_llama_cpp(threads):
             "decode_tps": 1.0 / statistics.median(times[2:])}
 
 
+def bench_native_vs_llama_cpp(threads):
+    """The native GGUF path and llama.cpp on the same file in one process, decode steps alternating (and the
+    512-token prefills, three each, alternating): ratios that the host's bandwidth drift cannot skew."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    from gemma3_fast.loading import DEFAULT_MODEL_NAME, cache_dir, load_model_and_tokenizer
+
+    ours, tok = load_model_and_tokenizer(None, "auto", "cpu", "extension")
+    llm = Llama(model_path=str(cache_dir() / f"{DEFAULT_MODEL_NAME}.gguf"), n_ctx=1024, n_threads=threads,
+                n_batch=512, verbose=False)
+    ids = prompt_ids(tok, PROMPT_TOKENS)
+    ours_p, llama_p = [], []
+    with torch.inference_mode():
+        for _ in range(3):
+            ours_p.append(timed(lambda: ours.prefill(torch.tensor(ids), ours.new_cache(PROMPT_TOKENS)))[1])
+            llm.reset()
+            llama_p.append(timed(lambda: llm.eval(ids))[1])
+        cache = ours.new_cache(PROMPT_TOKENS + DECODE_STEPS + 1)
+        state = {"ours": int(ours.prefill(torch.tensor(ids), cache).argmax())}
+    session = ours.decode_session(cache)
+    state["llama"] = int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))))
+
+    def llama_step():
+        llm.eval([state["llama"]])
+        state["llama"] = int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))))
+
+    def our_step():
+        state["ours"] = session.greedy(state["ours"])
+
+    ours_t, llama_t = [], []
+    for _ in range(DECODE_STEPS):
+        ours_t.append(timed(our_step)[1])
+        llama_t.append(timed(llama_step)[1])
+    return {"ours_tps": 1 / statistics.median(ours_t[2:]), "llama_tps": 1 / statistics.median(llama_t[2:]),
+            "ratio": statistics.median(l / o for o, l in zip(ours_t[2:], llama_t[2:])),
+            "ours_prefill_tps": PROMPT_TOKENS / statistics.median(ours_p),
+            "llama_prefill_tps": PROMPT_TOKENS / statistics.median(llama_p),
+            "prefill_ratio": statistics.median(l / o for o, l in zip(ours_p, llama_p))}
+
+
 def int8_quality():
     """int8 vs bf16 (both on the extension): teacher-forced top-1 agreement and mean |Δlogit| on greedy
     continuations, and perplexity of the shipped text."""
@@ -300,6 +345,8 @@ def child(spec: dict) -> dict:
         out = bench_head_to_head(spec["dtype"])
     elif kind == "int8_vs_bf16":
         out = bench_int8_vs_bf16()
+    elif kind == "native_vs_llama_cpp":
+        out = bench_native_vs_llama_cpp(spec["threads"])
     else:
         out = int8_quality()
     out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -351,15 +398,17 @@ def main() -> None:
         print(json.dumps(child(json.loads(args.child))))
         return
 
-    from gemma3_fast.loading import default_model_dir
+    from gemma3_fast.loading import default_model_dir, load_model_and_tokenizer
 
     default_model_dir(quiet=False)  # convert once, outside the timed children
+    load_model_and_tokenizer(None)  # and the GGUF's tokenizer cached, as every run after the first finds it
     engines = [e for e in ENGINES if not (args.no_transformers and e[0] == "transformers")]
     if args.llama_cpp:
         engines.append(("llama.cpp", "-", "q4_k_m", "none"))
     runs: dict[tuple, list[dict]] = {}
     head_to_head: dict[str, list[dict]] = {}
     int8_vs_bf16: list[dict] = []
+    native_vs_llama: list[dict] = []
     for rnd in range(args.rounds):
         for engine, backend, dtype, quant in engines:
             print(f"round {rnd + 1}/{args.rounds}: {engine} {backend} {dtype} {quant} ...", file=sys.stderr, flush=True)
@@ -377,6 +426,12 @@ def main() -> None:
         res = run_child(dict(engine="int8_vs_bf16", threads=args.threads))
         if res is not None:
             int8_vs_bf16.append(res)
+        if args.llama_cpp:
+            print(f"round {rnd + 1}/{args.rounds}: native GGUF vs llama.cpp, one process ...", file=sys.stderr,
+                  flush=True)
+            res = run_child(dict(engine="native_vs_llama_cpp", threads=args.threads))
+            if res is not None:
+                native_vs_llama.append(res)
     rows = []  # per engine: the median of each number over the rounds
     for results in runs.values():
         row = dict(results[0])
@@ -388,7 +443,8 @@ def main() -> None:
     quality = run_child(dict(engine="quality", threads=args.threads))
 
     data = {"kind": "e2e", "machine": machine_info(args.threads), "rounds": args.rounds, "rows": rows,
-            "quality": quality, "head_to_head": head_to_head, "int8_vs_bf16": int8_vs_bf16}
+            "quality": quality, "head_to_head": head_to_head, "int8_vs_bf16": int8_vs_bf16,
+            "native_vs_llama_cpp": native_vs_llama}
     print("\n" + render_e2e(data), end="")
     write_raw(Path(args.json), data)
 

@@ -88,8 +88,9 @@ def render_e2e(data: dict) -> str:
            "| decode / roofline | peak RSS MiB |",
            "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     bytes_per_token = {(r["dtype"], r["quantize"]): r["bytes_per_token"] for r in rows if "bytes_per_token" in r}
+    bytes_per_token[("q4_k_m", "none")] = bytes_per_token.get(("auto", "none"))  # llama.cpp: the same file
     for r in rows:
-        weights = "int8" if r["quantize"] == "int8" else r["dtype"]
+        weights = "int8" if r["quantize"] == "int8" else "gguf q4_k_m" if r["dtype"] == "auto" else r["dtype"]
         nbytes = bytes_per_token.get((r["dtype"], r["quantize"]))
         bw = r["bandwidth_gbs"]
         roof = bw * 1e9 / nbytes if nbytes else None
@@ -106,6 +107,19 @@ def render_e2e(data: dict) -> str:
         return ", ".join("%.2fx" % r[key] for r in runs)
 
     out.append("")
+    native, llama = find("gemma3_fast", "extension", "auto"), find("llama.cpp", "-", "q4_k_m")
+    if native and llama:
+        out.append(f"- native GGUF vs llama.cpp, same file, rows above: decode {native['decode_tps'] / llama['decode_tps']:.2f}x, "
+                   f"prefill {native['prefill_tps'] / llama['prefill_tps']:.2f}x, peak RSS {native['peak_rss_mib']:.0f} vs "
+                   f"{llama['peak_rss_mib']:.0f} MiB")
+    vs_llama = data.get("native_vs_llama_cpp", [])
+    if vs_llama:
+        med = {k: statistics.median(r[k] for r in vs_llama) for k in
+               ("ratio", "ours_tps", "llama_tps", "prefill_ratio", "ours_prefill_tps", "llama_prefill_tps")}
+        out.append(f"- native GGUF vs llama.cpp, one process, steps alternating: decode {med['ratio']:.2f}x "
+                   f"({med['ours_tps']:.1f} vs {med['llama_tps']:.1f} tok/s; per round {per_round(vs_llama, 'ratio')}), "
+                   f"prefill 512 {med['prefill_ratio']:.2f}x ({med['ours_prefill_tps']:.0f} vs "
+                   f"{med['llama_prefill_tps']:.0f} tok/s)")
     for dtype in ("float32", "bfloat16"):
         ours, hf = find("gemma3_fast", "extension", dtype), find("transformers", "sdpa", dtype)
         if ours and hf:

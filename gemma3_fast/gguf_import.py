@@ -266,7 +266,7 @@ class GGUFFile:
         done = [0]
         read = self.native_tensor if native else self.get_tensor
 
-        def get(name: str) -> torch.Tensor:
+        def get(name: str, dtype: torch.dtype | None = None) -> torch.Tensor:  # dtype: converted by the caller
             done[0] += 1
             if not quiet and not native and (done[0] % 16 == 0 or done[0] == total):
                 print(f"\rgemma3_fast: dequantizing {self.path.name}: {done[0]}/{total} tensors", end="",

@@ -18,6 +18,8 @@ import os
 import torch
 from torch import nn
 
+from .tokenizer import release_freed_memory
+
 HUGE_PAGE = 2 << 20
 _MIN_BYTES = 1 << 20  # smaller tensors (norm vectors) gain nothing: they stay where they are
 _COPY_CHUNK = 16 << 20
@@ -42,7 +44,7 @@ def huge_page_buffer(nbytes: int) -> torch.Tensor:
     return raw[start:start + nbytes]
 
 
-def place_on_huge_pages(model: nn.Module, min_bytes: int = _MIN_BYTES, after_copy=None) -> int:
+def place_on_huge_pages(model: nn.Module, min_bytes: int = _MIN_BYTES, after_copy=None, skip=()) -> int:
     """Move the model's CPU parameters and buffers of at least min_bytes (each once, tied ones together) into
     one huge-page arena, in place. after_copy(old) is called with each original once it is copied (a GGUF
     mapping drops its pages there, so that the file's pages and the copy never both count). Returns the arena's
@@ -51,7 +53,8 @@ def place_on_huge_pages(model: nn.Module, min_bytes: int = _MIN_BYTES, after_cop
         return 0
     tensors: dict[int, torch.Tensor] = {}
     for t in list(model.parameters()) + list(model.buffers()):
-        if t.device.type == "cpu" and t.numel() * t.element_size() >= min_bytes and t.is_contiguous():
+        if t.device.type == "cpu" and t.numel() * t.element_size() >= min_bytes and t.is_contiguous() and \
+                t.data_ptr() not in skip:  # skip: data pointers of tensors already on huge pages
             tensors.setdefault(id(t), t)
     if not tensors:
         return 0
@@ -71,4 +74,6 @@ def place_on_huge_pages(model: nn.Module, min_bytes: int = _MIN_BYTES, after_cop
             if after_copy is not None:
                 after_copy(flat_old[a:a + step])
         t.data = view  # every module holding this parameter (tied ones too) now reads the arena
+        del old, flat_old
+        release_freed_memory()  # the original's heap pages back to the OS now, not at the end of loading
     return total

@@ -13,8 +13,13 @@ QUANT_MODES = ("none", "int8")
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q int8 [N, K], scales fp32 [N]) with weight ~= q * scales[:, None]."""
-    w = weight.float()
-    scales = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
-    q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+    """(q int8 [N, K], scales fp32 [N]) with weight ~= q * scales[:, None]. Rows are quantized in chunks of 4096:
+    the fp32 temporaries of the whole 262144-row embedding at once took ~2.7 GB at the peak of loading."""
+    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scales = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+    for a in range(0, weight.shape[0], 4096):
+        w = weight[a:a + 4096].float()
+        s = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
+        q[a:a + 4096] = torch.round(w / s[:, None]).clamp_(-127, 127)
+        scales[a:a + 4096] = s
     return q, scales

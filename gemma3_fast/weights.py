@@ -11,7 +11,8 @@ from torch import nn
 
 from .config import Gemma3Config
 from .gguf_blocks import concat_rows, dequantize, in_features, is_blocks
-from .huge_pages import place_on_huge_pages
+from .huge_pages import enabled as huge_pages_enabled
+from .huge_pages import huge_page_buffer, place_on_huge_pages
 from .model import Gemma3Model, Linear
 
 SUPPORTED_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -95,8 +96,8 @@ def build_model(config: Gemma3Config, get_tensor: Callable[[str], torch.Tensor],
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise WeightsError(f"{source}: missing tensor(s) {['model.' + m for m in missing[:5]]}{more}")
 
-    def load(short: str) -> torch.Tensor:
-        t = get_tensor(index[short])
+    def load(short: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        t = get_tensor(index[short], dtype, out=out) if out is not None else get_tensor(index[short], dtype)
         if is_blocks(t):  # GGUF blocks (native path): used as they are, in place
             rows, cols = shapes[short] if len(shapes[short]) == 2 else (-1, -1)
             if t.shape[0] != rows or in_features(t) != cols:
@@ -108,11 +109,15 @@ def build_model(config: Gemma3Config, get_tensor: Callable[[str], torch.Tensor],
                                f"implies {shapes[short]}")
         if not t.is_floating_point():
             raise WeightsError(f"{source}: tensor {index[short]!r} has dtype {t.dtype}, expected a float type")
-        # copy=True: safetensors hands out zero-copy views of the mmapped file; reading them here puts the disk
-        # I/O into loading, not into the first prefill (seconds when the file is not in the page cache).
-        return t.to(dtype, copy=True)
+        return t.to(dtype)
 
-    state = {"embed_tokens.weight": load("embed_tokens.weight"), "final_norm": load("norm.weight")}
+    # The embedding (the largest tensor: 671 MB in fp32) read straight onto huge pages: copied there afterwards,
+    # like the others, it and its copy would both be in memory at the peak of loading.
+    embed_out = None
+    if getattr(get_tensor, "reads_into", False) and torch.device(device).type == "cpu" and huge_pages_enabled():
+        shape = shapes["embed_tokens.weight"]
+        embed_out = huge_page_buffer(shape[0] * shape[1] * dtype.itemsize).view(dtype).view(shape)
+    state = {"embed_tokens.weight": load("embed_tokens.weight", embed_out), "final_norm": load("norm.weight")}
 
     def put_linear(name: str, weight: torch.Tensor) -> None:
         if quantize == "int8":
@@ -157,7 +162,8 @@ def build_model(config: Gemma3Config, get_tensor: Callable[[str], torch.Tensor],
     model.tie_weights()
     model = model.to(device)
     if model.device.type == "cpu":  # GGUF blocks too: the head's decode 1.10-1.14x faster than from the mapping
-        place_on_huge_pages(model, after_copy=release)
+        place_on_huge_pages(model, after_copy=release,
+                            skip={embed_out.data_ptr()} if embed_out is not None else ())
     model.set_backend(backend)
     return model.eval().requires_grad_(False)
 
@@ -183,10 +189,35 @@ def hf_state_dict(model: Gemma3Model) -> dict[str, torch.Tensor]:
     return {name: t.detach().contiguous() for name, t in out.items()}
 
 
-def open_safetensors_folder(folder: Path):
-    """(names, get_tensor) over model.safetensors or a sharded checkpoint with its index."""
-    from safetensors import safe_open
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+                       "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32,
+                       "I64": torch.int64, "BOOL": torch.bool}
+_READ_CHUNK = 16 << 20
 
+
+def _safetensors_header(path: Path) -> tuple[dict, int]:
+    """The header of a .safetensors file: {name: {dtype, shape, data_offsets}} and where the data starts."""
+    try:
+        with path.open("rb") as f:
+            raw = f.read(8)
+            n = int.from_bytes(raw, "little") if len(raw) == 8 else -1
+            if not 0 < n <= 100 << 20:
+                raise ValueError("no valid header length")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
+    if not isinstance(header, dict):
+        raise WeightsError(f"{path}: not a readable safetensors file (the header is not a JSON object)")
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def open_safetensors_folder(folder: Path):
+    """(names, get_tensor) over model.safetensors or a sharded checkpoint with its index.
+
+    get_tensor(name, dtype=None) reads one tensor with plain file reads, in chunks converted to `dtype` as they
+    come: nothing stays mapped, so the process never holds more of the file than the tensor being read (the
+    mmap that safetensors' reader keeps counted every page read so far in the RSS until the end of loading)."""
     single, index_file = folder / "model.safetensors", folder / "model.safetensors.index.json"
     if single.is_file():
         files = [single]
@@ -201,21 +232,45 @@ def open_safetensors_folder(folder: Path):
                 raise WeightsError(f"{index_file}: shard {f.name} is listed but missing")
     else:
         raise WeightsError(f"{folder}: no model.safetensors or model.safetensors.index.json")
-    handles, owner = [], {}
+    owner = {}
     for f in files:
-        try:
-            h = safe_open(str(f), framework="pt")
-        except Exception as e:  # SafetensorError, OSError, or a bare Exception for a malformed header
-            raise WeightsError(f"{f}: not a readable safetensors file ({e})") from None
-        handles.append(h)
-        for name in h.keys():
-            owner[name] = (h, f)
+        header, data_start = _safetensors_header(f)
+        size = f.stat().st_size
+        for name, info in header.items():
+            try:
+                dtype, shape = _SAFETENSORS_DTYPES[info["dtype"]], tuple(int(d) for d in info["shape"])
+                begin, end = (int(x) for x in info["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise WeightsError(f"{f}: tensor {name!r} has an unreadable entry in the header: {info}") from None
+            nbytes = (torch.finfo(dtype).bits if dtype.is_floating_point else torch.iinfo(dtype).bits
+                      if dtype != torch.bool else 8) // 8 * int(torch.Size(shape).numel())
+            if end - begin != nbytes or data_start + end > size:
+                raise WeightsError(f"{f}: tensor {name!r} ({info['dtype']} {list(shape)}) needs bytes "
+                                   f"[{data_start + begin}, {data_start + begin + nbytes}) but the file has {size} "
+                                   "bytes: truncated or corrupt")
+            owner[name] = (f, dtype, shape, data_start + begin)
 
-    def get_tensor(name: str) -> torch.Tensor:
-        h, f = owner[name]
-        try:
-            return h.get_tensor(name)
-        except Exception as e:
-            raise WeightsError(f"{f}: tensor {name!r} could not be read ({e})") from None
+    def get_tensor(name: str, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """out: where to put it (its shape, of dtype), e.g. memory on huge pages, so that it is not copied again."""
+        f, stored, shape, offset = owner[name]
+        if dtype is None or not stored.is_floating_point:  # non-float tensors stay as they are (and are refused)
+            dtype = stored
+        if out is None or out.shape != shape or out.dtype != dtype:
+            out = torch.empty(shape, dtype=dtype)
+        flat = out.view(-1)
+        n = flat.numel()
+        step = max(1, _READ_CHUNK // max(1, flat.element_size()))
+        buf = torch.empty(min(n, step), dtype=stored) if dtype != stored else None
+        with f.open("rb") as fh:
+            fh.seek(offset)
+            for a in range(0, n, step):
+                dest = flat[a:a + step] if buf is None else buf[:min(step, n - a)]
+                view = dest.view(torch.uint8).numpy()
+                if fh.readinto(view) != view.nbytes:
+                    raise WeightsError(f"{f}: tensor {name!r} could not be read (the file ended early)")
+                if buf is not None:
+                    flat[a:a + step].copy_(dest)
+        return out
 
+    get_tensor.reads_into = True
     return list(owner), get_tensor

@@ -134,3 +134,17 @@ def test_cuda_device_without_gpu_is_refused(tiny_folder):
         pytest.skip("this machine has a GPU")
     with pytest.raises(ValueError, match="no CUDA GPU is available"):
         load_model_and_tokenizer(tiny_folder, "float32", "cuda")
+
+
+def test_safetensors_read_tensor_by_tensor_and_truncation_named(tmp_path):
+    folder = write_hf_folder(tmp_path / "m", tiny_config(), tiny_hf_tensors(tiny_config()))
+    from gemma3_fast.weights import open_safetensors_folder
+
+    names, get_tensor = open_safetensors_folder(folder)
+    name = "model.layers.0.mlp.down_proj.weight"
+    full = get_tensor(name)
+    assert full.dtype == torch.float32 and torch.equal(get_tensor(name, torch.bfloat16), full.bfloat16())
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[:-100])
+    with pytest.raises(WeightsError, match=r"model.safetensors: tensor '.*' \(F32 \[.*\]\) needs bytes .* truncated"):
+        load_model_and_tokenizer(folder, "float32", "cpu")

@@ -78,7 +78,7 @@ def assert_linear_close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor):
 
 @needs_ext
 @pytest.mark.parametrize("kind", list(FORMATS), ids=lambda k: k.name)
-@pytest.mark.parametrize("tokens", [1, 3, 8, 9, 40])  # 1..8: the streaming kernel; more: dequantized tiles + GEMM
+@pytest.mark.parametrize("tokens", [1, 3, 5, 6, 40])  # 1..5: the streaming kernel; more: dequantized tiles + GEMM
 def test_block_linear_matches_linear_on_dequantized(kind, tokens):
     elems, _ = FORMATS[kind]
     blocks = random_blocks(kind, 131, elems * 4, seed=tokens)  # odd row count

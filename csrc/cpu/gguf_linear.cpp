@@ -25,6 +25,11 @@ namespace {
 using gguf::Format;
 using gguf::Type;
 
+constexpr int64_t block_bytes(Type t) {
+  return t == Type::Q4_0 ? 18 : t == Type::Q5_0 ? 22 : t == Type::Q8_0 ? 34 : t == Type::Q4_K ? 144 :
+         t == Type::Q5_K ? 176 : 210;
+}
+
 #ifdef GEMMA3_AVX2
 inline float fp16_at(const uint8_t* p) {
 #ifdef __F16C__
@@ -102,16 +107,13 @@ inline acc_t acc_fma(acc_t p, float d, acc_t acc) { return _mm256_fmadd_ps(p, _m
 inline float acc_sum(acc_t a) { return vec::vhsum(a); }
 #endif
 
-// dot(x, row) for one row of `blocks` blocks of format T; xsum[j] = sum of x over inputs [32j, 32j + 32).
-// Two accumulators, even and odd blocks (or sub-blocks), so that the FMAs do not wait on each other.
-template <Type T>
-float row_dot(const float* x, const float* xsum, const uint8_t* b, int64_t blocks) {
-  acc_t a0 = acc_zero(), a1 = acc_zero();
-  float mins = 0.f;
-  acc_t lo, hi;
+// Calls f(j, q, scale_lo, scale_hi, min) for each run j of 32 weights of `blocks` blocks of format T: q their
+// integers (32 int8 in a __m256i), weights 0-15 of the run scaled by scale_lo, 16-31 by scale_hi (equal but for
+// Q6_K, which has a scale per 16), minus min (Q4_K/Q5_K). The scales are computed as decode_block computes them.
+template <Type T, typename F>
+inline void for_each_run(const uint8_t* b, int64_t blocks, const F& f) {
   if constexpr (T == Type::Q8_0 || T == Type::Q4_0 || T == Type::Q5_0) {
-    constexpr int64_t bytes = T == Type::Q8_0 ? 34 : T == Type::Q4_0 ? 18 : 22;
-    for (int64_t i = 0; i < blocks; ++i, b += bytes, x += 32) {
+    for (int64_t i = 0; i < blocks; ++i, b += block_bytes(T)) {
       __m256i q;
       if constexpr (T == Type::Q8_0) {
         q = load32(b + 2);
@@ -121,19 +123,17 @@ float row_dot(const float* x, const float* xsum, const uint8_t* b, int64_t block
         const __m256i high = _mm256_and_si256(bits_to_bytes(b + 2), _mm256_set1_epi8(0x10));
         q = _mm256_sub_epi8(_mm256_or_si256(nibbles_in_order(b + 6), high), _mm256_set1_epi8(16));
       }
-      if (i % 2 == 0) a0 = acc_fma(dot32(x, q), fp16_at(b), a0);
-      else a1 = acc_fma(dot32(x, q), fp16_at(b), a1);
+      const float d = fp16_at(b);
+      f(i, q, d, d, 0.f);
     }
   } else if constexpr (T == Type::Q4_K || T == Type::Q5_K) {
     constexpr bool five = T == Type::Q5_K;
-    constexpr int64_t bytes = five ? 176 : 144;
-    for (int64_t i = 0; i < blocks; ++i, b += bytes, x += 256, xsum += 8) {
+    for (int64_t i = 0; i < blocks; ++i, b += block_bytes(T)) {
       const float d = fp16_at(b), dmin = fp16_at(b + 2);
       const uint8_t* qs = b + (five ? 48 : 16);
       __m256i qh;
       if constexpr (five) qh = load32(b + 16);
-      float block_min = 0.f;
-      for (int p = 0; p < 4; ++p) {  // sub-blocks 2p (low nibbles) and 2p + 1 (high nibbles) of 32 bytes
+      for (int p = 0; p < 4; ++p) {  // runs 2p (low nibbles) and 2p + 1 (high nibbles) of 32 bytes
         int sc0, m0, sc1, m1;
         gguf::k4_scale_min(2 * p, b + 4, sc0, m0);
         gguf::k4_scale_min(2 * p + 1, b + 4, sc1, m1);
@@ -146,14 +146,13 @@ float row_dot(const float* x, const float* xsum, const uint8_t* b, int64_t block
           q0 = _mm256_or_si256(q0, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, bit0), bit0), sixteen));
           q1 = _mm256_or_si256(q1, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, bit1), bit1), sixteen));
         }
-        a0 = acc_fma(dot32(x + 64 * p, q0), d * static_cast<float>(sc0), a0);
-        a1 = acc_fma(dot32(x + 64 * p + 32, q1), d * static_cast<float>(sc1), a1);
-        block_min += dmin * static_cast<float>(m0) * xsum[2 * p] + dmin * static_cast<float>(m1) * xsum[2 * p + 1];
+        const float d0 = d * static_cast<float>(sc0), d1 = d * static_cast<float>(sc1);
+        f(8 * i + 2 * p, q0, d0, d0, dmin * static_cast<float>(m0));
+        f(8 * i + 2 * p + 1, q1, d1, d1, dmin * static_cast<float>(m1));
       }
-      mins += block_min;
     }
   } else {  // Q6_K: ql[128], qh[64], int8 scales[16] (one per 16 weights), d
-    for (int64_t i = 0; i < blocks; ++i, b += 210, x += 256) {
+    for (int64_t i = 0; i < blocks; ++i, b += block_bytes(T)) {
       const float d = fp16_at(b + 208);
       const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
       for (int n = 0; n < 2; ++n) {
@@ -165,24 +164,57 @@ float row_dot(const float* x, const float* xsum, const uint8_t* b, int64_t block
             _mm256_or_si256(high_nibbles(l0), _mm256_and_si256(h, three0)),
             _mm256_or_si256(high_nibbles(l1), _mm256_and_si256(_mm256_srli_epi16(h, 2), three0)),
         };
-        const float* xn = x + 128 * n;
         const int8_t* s = sc + 8 * n;
-        for (int j = 0; j < 4; ++j) {
-          dot32(xn + 32 * j, _mm256_sub_epi8(q[j], off), lo, hi);
-          a0 = acc_fma(lo, d * static_cast<float>(s[2 * j]), a0);
-          a1 = acc_fma(hi, d * static_cast<float>(s[2 * j + 1]), a1);
-        }
+        for (int j = 0; j < 4; ++j)
+          f(8 * i + 4 * n + j, _mm256_sub_epi8(q[j], off), d * static_cast<float>(s[2 * j]),
+            d * static_cast<float>(s[2 * j + 1]), 0.f);
       }
     }
   }
-  return acc_sum(acc_add(a0, a1)) - mins;
+}
+
+// dot(x, row) for one row of `blocks` blocks of format T; xsum[j] = sum of x over inputs [32j, 32j + 32).
+// Two accumulators, even and odd runs, so that the FMAs do not wait on each other.
+template <Type T>
+float row_dot(const float* x, const float* xsum, const uint8_t* b, int64_t blocks) {
+  acc_t acc[2] = {acc_zero(), acc_zero()};
+  float mins = 0.f;
+  for_each_run<T>(b, blocks, [&](int64_t j, __m256i q, float d_lo, float d_hi, float min) {
+    acc_t& a = acc[0];
+    if constexpr (T == Type::Q6_K) {
+      acc_t lo, hi;
+      dot32(x + 32 * j, q, lo, hi);
+      a = acc_fma(hi, d_hi, acc_fma(lo, d_lo, a));
+    } else {
+      a = acc_fma(dot32(x + 32 * j, q), d_lo, a);
+    }
+    if constexpr (T == Type::Q4_K || T == Type::Q5_K) mins += min * xsum[j];
+  });
+  return acc_sum(acc_add(acc[0], acc[1])) - mins;
+}
+
+// The row dequantized into out: d * q (- min), each product rounded once, as decode_block's reference computes it.
+template <Type T>
+void dequantize_row(const uint8_t* b, int64_t blocks, float* out) {
+  for_each_run<T>(b, blocks, [&](int64_t j, __m256i q, float d_lo, float d_hi, float min) {
+    float* o = out + 32 * j;
+    const __m128i halves[2] = {_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1)};
+    for (int h = 0; h < 2; ++h) {
+      const __m256 d = _mm256_set1_ps(h == 0 ? d_lo : d_hi);
+      for (int e = 0; e < 2; ++e) {
+        const __m128i bytes = e == 0 ? halves[h] : _mm_srli_si128(halves[h], 8);
+        __m256 w = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)));
+        if constexpr (T == Type::Q4_K || T == Type::Q5_K) w = _mm256_sub_ps(w, _mm256_set1_ps(min));
+        _mm256_storeu_ps(o + 16 * h + 8 * e, w);
+      }
+    }
+  });
 }
 #else
 // Plain loops on the reference decoding: the compiler vectorizes the 32-weight products.
 template <Type T>
 float row_dot(const float* x, const float* xsum, const uint8_t* b, int64_t blocks) {
-  const Format& f = *gguf::format_of(T == Type::Q4_0 ? 18 : T == Type::Q5_0 ? 22 : T == Type::Q8_0 ? 34 :
-                                     T == Type::Q4_K ? 144 : T == Type::Q5_K ? 176 : 210);
+  const Format& f = *gguf::format_of(block_bytes(T));
   gguf::Decoded dec;
   float total = 0.f;
   for (int64_t i = 0; i < blocks; ++i, b += f.block_bytes, x += f.block_elems, xsum += f.block_elems / 32) {
@@ -196,9 +228,15 @@ float row_dot(const float* x, const float* xsum, const uint8_t* b, int64_t block
   }
   return total;
 }
+
+template <Type T>
+void dequantize_row(const uint8_t* b, int64_t blocks, float* out) {
+  gguf::dequantize_blocks(*gguf::format_of(block_bytes(T)), b, blocks, out);
+}
 #endif
 
 using RowDot = float (*)(const float*, const float*, const uint8_t*, int64_t);
+using DequantizeRow = void (*)(const uint8_t*, int64_t, float*);
 
 RowDot row_dot_for(Type t) {
   switch (t) {
@@ -212,6 +250,18 @@ RowDot row_dot_for(Type t) {
   return nullptr;
 }
 
+DequantizeRow dequantize_row_for(Type t) {
+  switch (t) {
+    case Type::Q4_0: return dequantize_row<Type::Q4_0>;
+    case Type::Q5_0: return dequantize_row<Type::Q5_0>;
+    case Type::Q8_0: return dequantize_row<Type::Q8_0>;
+    case Type::Q4_K: return dequantize_row<Type::Q4_K>;
+    case Type::Q5_K: return dequantize_row<Type::Q5_K>;
+    case Type::Q6_K: return dequantize_row<Type::Q6_K>;
+  }
+  return nullptr;
+}
+
 struct ArgmaxSink {
   std::mutex mutex;
   Best best;
@@ -221,13 +271,17 @@ struct ArgmaxSink {
   }
 };
 
-constexpr int64_t kMaxGemvTokens = 8;  // as linear.cpp: beyond this, dequantized tiles and the fp32 matmul
+// Up to here one pass over the blocks per token; beyond, dequantized tiles and the fp32 matmul. The default model's
+// prefill on the 2-core EPYC (AVX-512 build): per-token passes cost 13 ms + 4.5 ms per token past the first
+// (45.6 ms at 8 tokens); tiles ~35 ms at 6-9 tokens (36.8 at 9), about even at 6.
+constexpr int64_t kMaxGemvTokens = 5;
 
 // Rows [r0, r1) of w dequantized into out [r1 - r0, k].
 void dequantize_rows(const Format& f, const uint8_t* w, int64_t row_bytes, int64_t r0, int64_t r1, float* out,
                      int64_t k) {
+  const DequantizeRow dequantize = dequantize_row_for(f.type);
   at::parallel_for(r0, r1, 16, [&](int64_t a, int64_t b) {
-    for (int64_t r = a; r < b; ++r) gguf::dequantize_blocks(f, w + r * row_bytes, k / f.block_elems, out + (r - r0) * k);
+    for (int64_t r = a; r < b; ++r) dequantize(w + r * row_bytes, k / f.block_elems, out + (r - r0) * k);
   });
 }
 
