@@ -120,8 +120,16 @@ inline void for_each_run(const uint8_t* b, int64_t blocks, const F& f) {
       } else if constexpr (T == Type::Q4_0) {
         q = _mm256_sub_epi8(nibbles_in_order(b + 2), _mm256_set1_epi8(8));
       } else {
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+        // Q5_0's fifth bits as a mask register: weight = nibble where the bit is set, nibble - 16 where not.
+        uint32_t bits;
+        std::memcpy(&bits, b + 2, 4);
+        const __m256i nib = nibbles_in_order(b + 6);
+        q = _mm256_mask_sub_epi8(nib, _cvtu32_mask32(~bits), nib, _mm256_set1_epi8(16));
+#else
         const __m256i high = _mm256_and_si256(bits_to_bytes(b + 2), _mm256_set1_epi8(0x10));
         q = _mm256_sub_epi8(_mm256_or_si256(nibbles_in_order(b + 6), high), _mm256_set1_epi8(16));
+#endif
       }
       const float d = fp16_at(b);
       f(i, q, d, d, 0.f);
