@@ -96,9 +96,10 @@ def bench_gemma3_fast(backend, dtype, quantize, long_context):
 
     decode_speeds([ids[:16]], 4)  # warm up
     prefill_s = median_prefill(lambda: model.prefill(ids, model.new_cache(PROMPT_TOKENS)))
+    peak = peak_rss_mib()  # the run's own peak (load, prefill, cache), before the probe's buffer
     probe = BandwidthProbe()
     result = {"prefill_tps": PROMPT_TOKENS / prefill_s, "decode_tps": decode_speeds([ids], DECODE_STEPS, probe)[0],
-              "bandwidth_gbs": probe.median()}
+              "bandwidth_gbs": probe.median(), "peak_rss_mib": peak}
     if long_context:
         near, far = decode_speeds([ids[:100], torch.tensor(prompt_ids(tok, 3968))], 64)
         result["decode_tps_pos100"], result["decode_tps_pos4000"] = near, far
@@ -133,9 +134,10 @@ def bench_transformers(dtype):
     with torch.inference_mode():
         decode_speed(ids[:, :16], 4)
         prefill_s = median_prefill(lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1))
+        peak = peak_rss_mib()
         probe = BandwidthProbe()
         return {"prefill_tps": PROMPT_TOKENS / prefill_s, "decode_tps": decode_speed(ids, DECODE_STEPS, probe),
-                "bandwidth_gbs": probe.median()}
+                "bandwidth_gbs": probe.median(), "peak_rss_mib": peak}
 
 
 def transformers_stepper(model, prompt):
@@ -235,6 +237,7 @@ def bench_llama_cpp(threads):
     llm.eval(ids[:16])
     llm.reset()
     _, prefill_s = timed(lambda: llm.eval(ids))
+    peak = peak_rss_mib()
     probe = BandwidthProbe()
     def last_logits_argmax() -> int:  # greedy, like the other engines (llama.cpp keeps only the last logits)
         return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))))
@@ -248,7 +251,7 @@ def bench_llama_cpp(threads):
         times.append(time.perf_counter() - t0)
         probe.sample()
     return {"prefill_tps": PROMPT_TOKENS / prefill_s, "bandwidth_gbs": probe.median(),
-            "decode_tps": 1.0 / statistics.median(times[2:])}
+            "decode_tps": 1.0 / statistics.median(times[2:]), "peak_rss_mib": peak}
 
 
 def bench_native_vs_llama_cpp(threads):
@@ -349,8 +352,14 @@ def child(spec: dict) -> dict:
         out = bench_native_vs_llama_cpp(spec["threads"])
     else:
         out = int8_quality()
-    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out.setdefault("peak_rss_mib", peak_rss_mib())
     return out
+
+
+def peak_rss_mib() -> float:
+    """The process's peak resident set so far (ru_maxrss): anonymous memory and every file page mapped and
+    touched (a GGUF's or a safetensors file's), in MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # -- parent: the table ---------------------------------------------------------------------------------------

@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Hugging Face folder (e.g. a gemma3_fast.train output) or .gguf file (default: Gemma 3 270M)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="float16 is refused: Gemma 3 overflows it")
+                   help="auto: a GGUF runs on its own quantized blocks (CPU), anything else in float32; float32 / "
+                        "bfloat16 dequantize a GGUF; float16 is refused: Gemma 3 overflows it")
     p.add_argument("--backend", default="auto", choices=["auto", "extension", "reference"],
                    help="extension = compiled C++/CUDA kernels, reference = pure PyTorch")
     p.add_argument("--quantize", default="none", choices=["none", "int8"],
@@ -78,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     stats = lm.last_stats
     quant = ", int8 weights" if args.quantize == "int8" else ""
-    print(f"[{lm.model.ops.name} backend, {args.dtype}{quant}, {lm.model.device}] {stats.summary()}", file=sys.stderr)
+    weights = "GGUF blocks" if lm.model.gguf_blocks else str(lm.model.dtype).replace("torch.", "")
+    print(f"[{lm.model.ops.name} backend, {weights}{quant}, {lm.model.device}] {stats.summary()}", file=sys.stderr)
     return 0
 
 

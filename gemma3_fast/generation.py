@@ -139,9 +139,10 @@ class Gemma3LM:
         return "".join(self.stream(prompt, **kwargs))
 
 
-def load(model: str | Path | None = None, dtype: str | torch.dtype = "float32", device: str = "auto",
+def load(model: str | Path | None = None, dtype: str | torch.dtype = "auto", device: str = "auto",
          backend: str = "auto", quiet: bool = True, quantize: str = "none") -> Gemma3LM:
-    """Load a Hugging Face folder, a .gguf file, or (model=None) the default Gemma 3 270M.
+    """Load a Hugging Face folder, a .gguf file, or (model=None) the default Gemma 3 270M. dtype "auto": a GGUF
+    runs on its quantized blocks (on the CPU), a folder in float32.
 
     quantize="int8" stores every linear layer and the output head as int8 with per-row scales."""
     m, tok = load_model_and_tokenizer(model, dtype, device, backend, quiet=quiet, quantize=quantize)

@@ -221,8 +221,11 @@ class GGUFFile:
 
     def native_tensor(self, name: str) -> torch.Tensor:
         """One tensor for the native path: quantized ones as their blocks in place (uint8 [rows, blocks,
-        block_bytes], a view of the file's mapping), F16/BF16/F32 ones dequantized to fp32 (exact)."""
+        block_bytes], a view of the file's mapping); BF16 projections as bf16 (the bf16 kernels, fp32
+        activations); the rest (F32, F16, a BF16 embedding, whose dtype would set the activations') in fp32."""
         gname, kind, shape, raw = self._raw(name)
+        if kind == _BF16 and len(shape) == 2 and gname != "token_embd.weight":
+            return raw.view(torch.bfloat16).reshape(shape)
         if kind in (_F32, _F16, _BF16):
             return self.get_tensor(name)
         if not gguf_blocks.is_native_type(kind):
@@ -276,4 +279,5 @@ class GGUFFile:
             return read(name)
 
         get.release = self.release  # build_model calls it for tensors it copies out of the mapping
+        get.native = native
         return get

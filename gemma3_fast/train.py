@@ -148,9 +148,10 @@ def resolve_tokenizer(spec: str | None, init_tokenizer: GemmaTokenizer | None, f
     if spec is None:
         return init_tokenizer if init_tokenizer is not None else resolve_tokenizer("default", None, files, out, quiet)
     if spec == "default":
-        from .loading import default_model_dir
+        from .gguf_import import GGUFFile
+        from .loading import default_gguf_path, gguf_tokenizer
 
-        return GemmaTokenizer.from_file(default_model_dir(quiet=quiet) / "tokenizer.json")
+        return gguf_tokenizer(GGUFFile(default_gguf_path(quiet=quiet)))
     if spec.startswith("train:"):
         if trained:
             return GemmaTokenizer.from_file(out / "tokenizer.json")

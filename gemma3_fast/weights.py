@@ -98,9 +98,10 @@ def build_model(config: Gemma3Config, get_tensor: Callable[[str], torch.Tensor],
 
     def load(short: str, out: torch.Tensor | None = None) -> torch.Tensor:
         t = get_tensor(index[short], dtype, out=out) if out is not None else get_tensor(index[short], dtype)
-        if is_blocks(t):  # GGUF blocks (native path): used as they are, in place
+        if is_blocks(t) or (t.dtype == torch.bfloat16 and getattr(get_tensor, "native", False)):
+            # GGUF blocks, and a GGUF's BF16 projections on the native path: used as they are, in place
             rows, cols = shapes[short] if len(shapes[short]) == 2 else (-1, -1)
-            if t.shape[0] != rows or in_features(t) != cols:
+            if t.shape[0] != rows or in_features(t) != cols or t.dim() not in (2, 3):
                 raise WeightsError(f"{source}: tensor {index[short]!r} holds [{t.shape[0]}, {in_features(t)}] "
                                    f"weights, but the config implies {shapes[short]}")
             return t

@@ -163,6 +163,10 @@ def write_tiny_gguf(path, types=TYPES, truncate: int = 0):
         data = t.numpy().astype(np.float32)
         if "norm" in gname:
             w.add_tensor(gname, data + 1.0)
+        elif kind == Q.F16:
+            w.add_tensor(gname, data.astype(np.float16))
+        elif kind == Q.BF16:
+            w.add_tensor(gname, t.bfloat16().view(torch.int16).numpy(), raw_dtype=kind)
         elif kind in (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q8_0):
             w.add_tensor(gname, gguf.quants.quantize(data, kind), raw_dtype=kind)
         else:
@@ -213,6 +217,30 @@ def test_tiny_gguf_runs_natively_and_matches_dequantized(tiny_gguf):
         torch.testing.assert_close(torch.stack(steps), want[5:], rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="cannot be trained"):
         native.loss(ids[None], ids[None])
+
+
+@needs_ext
+def test_bf16_and_f16_tensors_beside_blocks(tmp_path):
+    """BF16 projections stay bf16 (the bf16 kernels, fp32 activations), F16 ones become fp32; both exact."""
+    path = write_tiny_gguf(tmp_path / "mixed.gguf", {**TYPES, "ffn_down": Q.BF16, "attn_output": Q.F16})
+    native = load_model_and_tokenizer(path, "auto", "cpu", "extension")[0]
+    dense = load_model_and_tokenizer(path, "float32", "cpu", "extension")[0]
+    block = native.layers[0]
+    assert block.down_proj.weight.dtype == torch.bfloat16 and block.o_proj.weight.dtype == torch.float32
+    assert native.dtype == torch.float32
+    torch.testing.assert_close(block.down_proj.weight.float(), dense.layers[0].down_proj.weight, rtol=0, atol=0)
+    ids = torch.tensor([2, 17, 45, 99, 3, 250, 7, 7, 120, 64])
+    with torch.inference_mode():
+        torch.testing.assert_close(native(ids, torch.arange(len(ids)), None, all_logits=True),
+                                   dense(ids, torch.arange(len(ids)), None, all_logits=True), rtol=1e-4, atol=1e-4)
+
+
+def test_rows_not_a_multiple_of_the_block_are_refused():
+    from gemma3_fast.gguf_blocks import tensor_nbytes
+
+    with pytest.raises(WeightsError, match=r"tensor 'x' \(Q4_K\) has rows of 640 values, not a multiple of its "
+                                           r"block of 256"):
+        tensor_nbytes(int(Q.Q4_K), (4, 640), "tensor 'x'")
 
 
 def test_unsupported_type_names_the_tensor_and_the_option(tmp_path):
