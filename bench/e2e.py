@@ -255,12 +255,15 @@ def bench_llama_cpp(threads):
 
 
 def bench_native_vs_llama_cpp(threads):
-    """The native GGUF path and llama.cpp on the same file in one process, decode steps alternating (and the
-    512-token prefills, three each, alternating): ratios that the host's bandwidth drift cannot skew."""
+    """The native GGUF path (exact fp32 activations, and the opt-in int16 ones) and llama.cpp on the same file in
+    one process, decode steps alternating (and the 512-token prefills, three each, alternating): ratios that the
+    host's bandwidth drift cannot skew. Then the int16 mode's quality: its logits against the exact ones over 128
+    teacher-forced decode steps."""
     import numpy as np
     from llama_cpp import Llama
 
     from gemma3_fast.loading import DEFAULT_MODEL_NAME, cache_dir, load_model_and_tokenizer
+    from gemma3_fast.ops import set_gguf_activations
 
     ours, tok = load_model_and_tokenizer(None, "auto", "cpu", "extension")
     llm = Llama(model_path=str(cache_dir() / f"{DEFAULT_MODEL_NAME}.gguf"), n_ctx=1024, n_threads=threads,
@@ -272,27 +275,48 @@ def bench_native_vs_llama_cpp(threads):
             ours_p.append(timed(lambda: ours.prefill(torch.tensor(ids), ours.new_cache(PROMPT_TOKENS)))[1])
             llm.reset()
             llama_p.append(timed(lambda: llm.eval(ids))[1])
-        cache = ours.new_cache(PROMPT_TOKENS + DECODE_STEPS + 1)
-        state = {"ours": int(ours.prefill(torch.tensor(ids), cache).argmax())}
-    session = ours.decode_session(cache)
-    state["llama"] = int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))))
+        caches = [ours.new_cache(PROMPT_TOKENS + 2 * DECODE_STEPS + 1) for _ in range(2)]
+        first = [int(ours.prefill(torch.tensor(ids), c).argmax()) for c in caches]
+    sessions = [ours.decode_session(c) for c in caches]
+    state = {"exact": first[0], "int16": first[1]}
+
+    def llama_argmax() -> int:
+        return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))))
+
+    state["llama"] = llama_argmax()
 
     def llama_step():
         llm.eval([state["llama"]])
-        state["llama"] = int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))))
+        state["llama"] = llama_argmax()
 
-    def our_step():
-        state["ours"] = session.greedy(state["ours"])
+    def our_step(mode, session):
+        set_gguf_activations(mode)
+        state[mode if mode == "int16" else "exact"] = session.greedy(state[mode if mode == "int16" else "exact"])
 
-    ours_t, llama_t = [], []
+    exact_t, int16_t, llama_t = [], [], []
     for _ in range(DECODE_STEPS):
-        ours_t.append(timed(our_step)[1])
+        exact_t.append(timed(lambda: our_step("fp32", sessions[0]))[1])
+        int16_t.append(timed(lambda: our_step("int16", sessions[1]))[1])
         llama_t.append(timed(llama_step)[1])
-    return {"ours_tps": 1 / statistics.median(ours_t[2:]), "llama_tps": 1 / statistics.median(llama_t[2:]),
-            "ratio": statistics.median(l / o for o, l in zip(ours_t[2:], llama_t[2:])),
+    # quality: both caches fed the exact mode's greedy tokens
+    agree, dmax, token = 0, 0.0, state["exact"]
+    for _ in range(DECODE_STEPS):
+        set_gguf_activations("fp32")
+        exact = sessions[0].logits(token)
+        set_gguf_activations("int16")
+        fast = sessions[1].logits(token)
+        agree += int(exact.argmax()) == int(fast.argmax())
+        dmax = max(dmax, float((exact - fast).abs().max()))
+        token = int(exact.argmax())
+    set_gguf_activations("fp32")
+    e, f, lt = (statistics.median(t[2:]) for t in (exact_t, int16_t, llama_t))
+    return {"ours_tps": 1 / e, "ours_int16_tps": 1 / f, "llama_tps": 1 / lt,
+            "ratio": statistics.median(l / o for o, l in zip(exact_t[2:], llama_t[2:])),
+            "int16_ratio": statistics.median(l / o for o, l in zip(int16_t[2:], llama_t[2:])),
             "ours_prefill_tps": PROMPT_TOKENS / statistics.median(ours_p),
             "llama_prefill_tps": PROMPT_TOKENS / statistics.median(llama_p),
-            "prefill_ratio": statistics.median(l / o for o, l in zip(ours_p, llama_p))}
+            "prefill_ratio": statistics.median(l / o for o, l in zip(ours_p, llama_p)),
+            "int16_top1_agreement": agree / DECODE_STEPS, "int16_max_abs_dlogit": dmax}
 
 
 def int8_quality():

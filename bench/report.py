@@ -120,6 +120,14 @@ def render_e2e(data: dict) -> str:
                    f"({med['ours_tps']:.1f} vs {med['llama_tps']:.1f} tok/s; per round {per_round(vs_llama, 'ratio')}), "
                    f"prefill 512 {med['prefill_ratio']:.2f}x ({med['ours_prefill_tps']:.0f} vs "
                    f"{med['llama_prefill_tps']:.0f} tok/s)")
+        if "int16_ratio" in vs_llama[0]:
+            m16 = {k: statistics.median(r[k] for r in vs_llama) for k in
+                   ("int16_ratio", "ours_int16_tps", "int16_top1_agreement")}
+            worst = max(r["int16_max_abs_dlogit"] for r in vs_llama)
+            out.append(f"- the same, ours with `--gguf-activations int16`: decode {m16['int16_ratio']:.2f}x "
+                       f"({m16['ours_int16_tps']:.1f} tok/s; per round {per_round(vs_llama, 'int16_ratio')}); against "
+                       f"the exact mode over 128 teacher-forced steps: top-1 agreement {m16['int16_top1_agreement']:.3f}, "
+                       f"max |dlogit| {worst:.2e}")
     for dtype in ("float32", "bfloat16"):
         ours, hf = find("gemma3_fast", "extension", dtype), find("transformers", "sdpa", dtype)
         if ours and hf:

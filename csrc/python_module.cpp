@@ -88,4 +88,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("scales") = pybind11::none(),
       "argmax(linear(x, weight, scales)) of one token, found while the output is written (DecodeSession.greedy's "
       "head; exposed for its tests)");
+  m.def("set_gguf_int16_activations", &gemma3_fast::set_gguf_int16_activations, pybind11::arg("on"),
+        "GGUF block weights' decode kernels with activations quantized to int16 (fast, approximate) or fp32 (exact, "
+        "the default); process-wide");
+  m.def("gguf_int16_activations", &gemma3_fast::gguf_int16_activations);
 }

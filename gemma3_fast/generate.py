@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from .generation import load
+from .ops import set_gguf_activations
 from .sampling import SamplingParams
 
 DEFAULT_PROMPT = "The three most important inventions in human history are"
@@ -27,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: a GGUF runs on its own quantized blocks (CPU), anything else in float32; float32 / "
                         "bfloat16 dequantize a GGUF; float16 is refused: Gemma 3 overflows it")
+    p.add_argument("--gguf-activations", default="fp32", choices=["fp32", "int16"],
+                   help="GGUF blocks' decode: fp32 activations (exact, default) or int16 (~1.1x faster decode)")
     p.add_argument("--backend", default="auto", choices=["auto", "extension", "reference"],
                    help="extension = compiled C++/CUDA kernels, reference = pure PyTorch")
     p.add_argument("--quantize", default="none", choices=["none", "int8"],
@@ -57,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("the prompt is empty")
 
     try:
+        set_gguf_activations(args.gguf_activations)
         lm = load(args.model, args.dtype, args.device, args.backend, quiet=False, quantize=args.quantize)
         # The context check before the prompt is echoed: an error comes alone, not after the prompt's text.
         total = len(lm.encode_prompt(prompt, args.chat)) + args.max_new_tokens

@@ -52,6 +52,23 @@ def cuda_kernels_built() -> bool:
     return EXTENSION_AVAILABLE and bool(_C.CUDA_BUILT)
 
 
+GGUF_ACTIVATIONS = ("fp32", "int16")
+
+
+def set_gguf_activations(mode: str) -> None:
+    """How the decode kernels of GGUF block weights treat activations, process-wide: "fp32" (the default) keeps
+    them exact; "int16" quantizes each token's activations to int16 first, as the int8 weights' kernel does
+    (about 1.1x faster decode; logits within ~1e-5 of the sum of |x w|, docs/PERFORMANCE.md). Prefill is fp32
+    either way."""
+    if mode not in GGUF_ACTIVATIONS:
+        raise ValueError(f"GGUF activations must be one of {GGUF_ACTIVATIONS}, got {mode!r}")
+    if not EXTENSION_AVAILABLE:
+        if mode == "int16":
+            raise RuntimeError(f"int16 GGUF activations need the compiled extension ({EXTENSION_ERROR})")
+        return
+    _C.set_gguf_int16_activations(mode == "int16")
+
+
 def native_module():
     """The compiled module gemma3_fast._C (for what is not an op: DecodeSession)."""
     if not EXTENSION_AVAILABLE:

@@ -91,6 +91,29 @@ def test_block_linear_matches_linear_on_dequantized(kind, tokens):
 
 
 @needs_ext
+@pytest.mark.parametrize("kind", list(FORMATS), ids=lambda k: k.name)
+def test_int16_activations_mode_is_close_and_off_by_default(kind):
+    elems, _ = FORMATS[kind]
+    blocks = random_blocks(kind, 67, elems * 4)
+    w = reference_ops.dequantize(blocks)
+    x = torch.randn(3, w.shape[1])
+    assert not ops.native_module().gguf_int16_activations()
+    exact = ns.linear(x, blocks)
+    try:
+        ops.set_gguf_activations("int16")
+        fast = ns.linear(x, blocks)
+        prefill = ns.linear(torch.randn(9, w.shape[1]), blocks)  # prefill stays fp32: no effect there
+    finally:
+        ops.set_gguf_activations("fp32")
+    assert not torch.equal(fast, exact)  # the mode is really on
+    bound = 1e-4 * (x.abs() @ w.abs().T)  # int16 x: |error| <= k * max|x| / 65534 * max|w| per row
+    assert bool(((fast - exact).abs() <= bound).all())
+    assert prefill.shape == (9, 67)
+    with pytest.raises(ValueError, match="must be one of"):
+        ops.set_gguf_activations("int8")
+
+
+@needs_ext
 def test_block_linear_shapes_bf16_and_argmax():
     blocks = random_blocks(Q.Q8_0, 300, 64)
     w = reference_ops.dequantize(blocks)

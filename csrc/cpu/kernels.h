@@ -33,6 +33,10 @@ at::Tensor matmul_fp32(const at::Tensor& x, const at::Tensor& w);
 // linear_cpu and linear_argmax_cpu on GGUF blocks (gguf_linear.cpp); linear_cpu sends such weights there.
 at::Tensor block_linear_cpu(const at::Tensor& x, const at::Tensor& weight);
 int64_t block_linear_argmax_cpu(const at::Tensor& x, const at::Tensor& weight);
+// The GGUF decode kernels' fast mode (process-wide, off by default): activations quantized to int16 per token,
+// as the int8 weights' kernel does, instead of exact fp32 products. Prefill (dequantized tiles) stays fp32.
+void set_gguf_int16_activations(bool on);
+bool gguf_int16_activations();
 // out[i] = dequantized row ids[i] of the block weight, times scale: the embedding lookup of a GGUF token_embd.
 void block_embedding_rows(const at::Tensor& weight, const int64_t* ids, int64_t count, float scale, float* out);
 // argmax_cpu(linear_cpu(x, weight, scales)) of one token x [1, K] (or [K]), found while the logits are written.
