@@ -92,4 +92,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "GGUF block weights' decode kernels with activations quantized to int16 (fast, approximate) or fp32 (exact, "
         "the default); process-wide");
   m.def("gguf_int16_activations", &gemma3_fast::gguf_int16_activations);
+  m.attr("GGUF_INT16_ACTIVATIONS") = gemma3_fast::gguf_int16_available();
 }

@@ -66,6 +66,9 @@ def set_gguf_activations(mode: str) -> None:
         if mode == "int16":
             raise RuntimeError(f"int16 GGUF activations need the compiled extension ({EXTENSION_ERROR})")
         return
+    if mode == "int16" and not _C.GGUF_INT16_ACTIVATIONS:
+        raise RuntimeError(f"int16 GGUF activations have kernels only in AVX2 builds; this build's SIMD is "
+                           f"{_C.SIMD}: use --gguf-activations fp32")
     _C.set_gguf_int16_activations(mode == "int16")
 
 

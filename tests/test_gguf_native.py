@@ -99,6 +99,10 @@ def test_int16_activations_mode_is_close_and_off_by_default(kind):
     x = torch.randn(3, w.shape[1])
     assert not ops.native_module().gguf_int16_activations()
     exact = ns.linear(x, blocks)
+    if not ops.native_module().GGUF_INT16_ACTIVATIONS:  # builds without AVX2: a clear refusal
+        with pytest.raises(RuntimeError, match="only in AVX2 builds"):
+            ops.set_gguf_activations("int16")
+        return
     try:
         ops.set_gguf_activations("int16")
         fast = ns.linear(x, blocks)

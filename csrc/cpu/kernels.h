@@ -37,6 +37,7 @@ int64_t block_linear_argmax_cpu(const at::Tensor& x, const at::Tensor& weight);
 // as the int8 weights' kernel does, instead of exact fp32 products. Prefill (dequantized tiles) stays fp32.
 void set_gguf_int16_activations(bool on);
 bool gguf_int16_activations();
+bool gguf_int16_available();  // whether this build has the int16 kernels (AVX2 builds)
 // out[i] = dequantized row ids[i] of the block weight, times scale: the embedding lookup of a GGUF token_embd.
 void block_embedding_rows(const at::Tensor& weight, const int64_t* ids, int64_t count, float scale, float* out);
 // argmax_cpu(linear_cpu(x, weight, scales)) of one token x [1, K] (or [K]), found while the logits are written.
