@@ -175,6 +175,9 @@ def hf_state_dict(model: Gemma3Model) -> dict[str, torch.Tensor]:
     c = model.config
     if model.lm_head.scales is not None:
         raise ValueError("an int8-quantized model has no Hugging Face form: save it before quantizing")
+    if model.gguf_blocks:
+        raise ValueError("a model on GGUF block weights has no Hugging Face form: load the GGUF with dtype float32 "
+                         "(or convert it: python -m gemma3_fast.convert)")
     d, hq, hk = c.head_dim, c.num_attention_heads, c.num_key_value_heads
     out = {"model.embed_tokens.weight": model.embed_tokens.weight, "model.norm.weight": model.final_norm}
     for i, block in enumerate(model.layers):

@@ -244,6 +244,10 @@ def test_tiny_gguf_runs_natively_and_matches_dequantized(tiny_gguf):
         torch.testing.assert_close(torch.stack(steps), want[5:], rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="cannot be trained"):
         native.loss(ids[None], ids[None])
+    from gemma3_fast.weights import hf_state_dict
+
+    with pytest.raises(ValueError, match="GGUF block weights has no Hugging Face form"):
+        hf_state_dict(native)
 
 
 @needs_ext
