@@ -219,6 +219,28 @@ class GGUFFile:
             out -= 1.0  # llama.cpp stores Gemma norms as (1 + w)
         return out
 
+    def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        """get_tensor(name) written into `out` (its shape, any float dtype) in chunks of rows of ~16 MB of fp32: the
+        271M-value embedding never exists in fp32 when the model is bf16 (671 MB)."""
+        gname, kind, shape, raw = self._raw(name)
+        if tuple(out.shape) != shape or len(shape) != 2:
+            raise ValueError(f"read_into: {gname!r} has shape {shape}, out has {tuple(out.shape)}")
+        row_bytes = raw.numel() // shape[0]
+        step = max(1, (16 << 20) // (4 * shape[1]))
+        for a in range(0, shape[0], step):
+            b = min(shape[0], a + step)
+            chunk = raw[a * row_bytes:b * row_bytes]
+            if kind in (_F32, _F16, _BF16):
+                vals = chunk.view({_F32: torch.float32, _F16: torch.float16, _BF16: torch.bfloat16}[kind])
+            else:
+                from gguf.quants import dequantize
+
+                vals = torch.from_numpy(np.ascontiguousarray(dequantize(chunk.numpy(), kind), dtype=np.float32))
+            out[a:b].copy_(vals.reshape(b - a, shape[1]))
+        if name.endswith("norm.weight"):
+            out -= 1.0
+        return out
+
     def native_tensor(self, name: str) -> torch.Tensor:
         """One tensor for the native path: quantized ones as their blocks in place (uint8 [rows, blocks,
         block_bytes], a view of the file's mapping); BF16 projections as bf16 (the bf16 kernels, fp32
@@ -269,15 +291,20 @@ class GGUFFile:
         done = [0]
         read = self.native_tensor if native else self.get_tensor
 
-        def get(name: str, dtype: torch.dtype | None = None) -> torch.Tensor:  # dtype: converted by the caller
+        def get(name: str, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+            """dtype: converted by the caller; out: where to write a dequantized tensor (see read_into)."""
             done[0] += 1
             if not quiet and not native and (done[0] % 16 == 0 or done[0] == total):
                 print(f"\rgemma3_fast: dequantizing {self.path.name}: {done[0]}/{total} tensors", end="",
                       file=sys.stderr, flush=True)
                 if done[0] == total:
                     print(file=sys.stderr)
-            return read(name)
+            t = self.read_into(name, out) if out is not None and not native else read(name)
+            if not native:  # dequantized: the file's pages of this tensor are done with
+                self.release(self._raw(name)[3])
+            return t
 
         get.release = self.release  # build_model calls it for tensors it copies out of the mapping
         get.native = native
+        get.reads_into = not native
         return get

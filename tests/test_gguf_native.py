@@ -274,6 +274,16 @@ def test_rows_not_a_multiple_of_the_block_are_refused():
         tensor_nbytes(int(Q.Q4_K), (4, 640), "tensor 'x'")
 
 
+def test_dequantized_loads_read_the_embedding_in_chunks_into_their_dtype(tiny_gguf):
+    """--dtype loads: the embedding dequantized chunk by chunk straight into its bf16 (or fp32) home."""
+    dense = load_model_and_tokenizer(tiny_gguf, "float32", "cpu")[0]
+    half = load_model_and_tokenizer(tiny_gguf, "bfloat16", "cpu")[0]
+    assert half.embed_tokens.weight.dtype == torch.bfloat16
+    assert torch.equal(half.embed_tokens.weight, dense.embed_tokens.weight.bfloat16())
+    assert torch.equal(dense.embed_tokens.weight, reference_ops.dequantize(
+        load_model_and_tokenizer(tiny_gguf, "auto", "cpu")[0].embed_tokens.weight))
+
+
 def test_unsupported_type_names_the_tensor_and_the_option(tmp_path):
     path = write_tiny_gguf(tmp_path / "q4_1.gguf", {**TYPES, "ffn_up": Q.Q4_1})
     with pytest.raises(WeightsError, match=r"tensor 'blk.0.ffn_up.weight' has type Q4_1, which has no native "
