@@ -289,14 +289,14 @@ def bench_native_vs_llama_cpp(threads):
         llm.eval([state["llama"]])
         state["llama"] = llama_argmax()
 
-    def our_step(mode, session):
+    def our_step(mode, session, key):
         set_gguf_activations(mode)
-        state[mode if mode == "int16" else "exact"] = session.greedy(state[mode if mode == "int16" else "exact"])
+        state[key] = session.greedy(state[key])
 
     exact_t, int16_t, llama_t = [], [], []
     for _ in range(DECODE_STEPS):
-        exact_t.append(timed(lambda: our_step("fp32", sessions[0]))[1])
-        int16_t.append(timed(lambda: our_step("int16", sessions[1]))[1])
+        exact_t.append(timed(lambda: our_step("fp32", sessions[0], "exact"))[1])
+        int16_t.append(timed(lambda: our_step("int16", sessions[1], "int16"))[1])
         llama_t.append(timed(llama_step)[1])
     # quality: both caches fed the exact mode's greedy tokens
     agree, dmax, token = 0, 0.0, state["exact"]

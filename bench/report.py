@@ -109,25 +109,25 @@ def render_e2e(data: dict) -> str:
     out.append("")
     native, llama = find("gemma3_fast", "extension", "auto"), find("llama.cpp", "-", "q4_k_m")
     if native and llama:
-        out.append(f"- native GGUF vs llama.cpp, same file, rows above: decode {native['decode_tps'] / llama['decode_tps']:.2f}x, "
-                   f"prefill {native['prefill_tps'] / llama['prefill_tps']:.2f}x, peak RSS {native['peak_rss_mib']:.0f} vs "
-                   f"{llama['peak_rss_mib']:.0f} MiB")
+        decode, prefill = (native[k] / llama[k] for k in ("decode_tps", "prefill_tps"))
+        out.append(f"- native GGUF vs llama.cpp, same file, rows above: decode {decode:.2f}x, prefill {prefill:.2f}x, "
+                   f"peak RSS {native['peak_rss_mib']:.0f} vs {llama['peak_rss_mib']:.0f} MiB")
     vs_llama = data.get("native_vs_llama_cpp", [])
     if vs_llama:
         med = {k: statistics.median(r[k] for r in vs_llama) for k in
                ("ratio", "ours_tps", "llama_tps", "prefill_ratio", "ours_prefill_tps", "llama_prefill_tps")}
         out.append(f"- native GGUF vs llama.cpp, one process, steps alternating: decode {med['ratio']:.2f}x "
-                   f"({med['ours_tps']:.1f} vs {med['llama_tps']:.1f} tok/s; per round {per_round(vs_llama, 'ratio')}), "
-                   f"prefill 512 {med['prefill_ratio']:.2f}x ({med['ours_prefill_tps']:.0f} vs "
-                   f"{med['llama_prefill_tps']:.0f} tok/s)")
+                   f"({med['ours_tps']:.1f} vs {med['llama_tps']:.1f} tok/s; per round "
+                   f"{per_round(vs_llama, 'ratio')}), prefill 512 {med['prefill_ratio']:.2f}x "
+                   f"({med['ours_prefill_tps']:.0f} vs {med['llama_prefill_tps']:.0f} tok/s)")
         if "int16_ratio" in vs_llama[0]:
             m16 = {k: statistics.median(r[k] for r in vs_llama) for k in
                    ("int16_ratio", "ours_int16_tps", "int16_top1_agreement")}
             worst = max(r["int16_max_abs_dlogit"] for r in vs_llama)
             out.append(f"- the same, ours with `--gguf-activations int16`: decode {m16['int16_ratio']:.2f}x "
-                       f"({m16['ours_int16_tps']:.1f} tok/s; per round {per_round(vs_llama, 'int16_ratio')}); against "
-                       f"the exact mode over 128 teacher-forced steps: top-1 agreement {m16['int16_top1_agreement']:.3f}, "
-                       f"max |dlogit| {worst:.2e}")
+                       f"({m16['ours_int16_tps']:.1f} tok/s; per round {per_round(vs_llama, 'int16_ratio')}); "
+                       "against the exact mode over 128 teacher-forced steps: top-1 agreement "
+                       f"{m16['int16_top1_agreement']:.3f}, max |dlogit| {worst:.2e}")
     for dtype in ("float32", "bfloat16"):
         ours, hf = find("gemma3_fast", "extension", dtype), find("transformers", "sdpa", dtype)
         if ours and hf:

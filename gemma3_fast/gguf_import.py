@@ -199,22 +199,24 @@ class GGUFFile:
         kind, shape, begin, nbytes = self.tensors[gname]
         return gname, kind, shape, self._data[begin:begin + nbytes]
 
+    def _values(self, gname: str, kind: int, raw: torch.Tensor) -> torch.Tensor:
+        """The values of `raw` (a tensor's bytes, or a run of its rows), flat: a view for F32/F16/BF16, else
+        dequantized to fp32 by the gguf package."""
+        if kind in (_F32, _F16, _BF16):
+            return raw.view({_F32: torch.float32, _F16: torch.float16, _BF16: torch.bfloat16}[kind])
+        from gguf.quants import dequantize
+
+        try:
+            data = dequantize(raw.numpy(), kind)
+        except (NotImplementedError, ValueError):
+            raise WeightsError(f"{self.path}: tensor {gname!r} has quantization type "
+                               f"{gguf_blocks.type_name(kind)}, which the gguf package cannot dequantize") from None
+        return torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)).view(-1)
+
     def get_tensor(self, name: str) -> torch.Tensor:
         """One tensor by its HF name, dequantized to fp32, in HF conventions (norms without Gemma's +1)."""
         gname, kind, shape, raw = self._raw(name)
-        if kind == _F32:
-            out = raw.view(torch.float32).reshape(shape).clone()
-        elif kind in (_F16, _BF16):
-            out = raw.view(torch.float16 if kind == _F16 else torch.bfloat16).reshape(shape).float()
-        else:
-            from gguf.quants import dequantize
-
-            try:
-                data = dequantize(raw.numpy(), kind)
-            except (NotImplementedError, ValueError):
-                raise WeightsError(f"{self.path}: tensor {gname!r} has quantization type "
-                                   f"{gguf_blocks.type_name(kind)}, which the gguf package cannot dequantize") from None
-            out = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32).reshape(shape))
+        out = self._values(gname, kind, raw).reshape(shape).to(torch.float32, copy=True)  # never the mapping
         if name.endswith("norm.weight"):
             out -= 1.0  # llama.cpp stores Gemma norms as (1 + w)
         return out
@@ -229,14 +231,7 @@ class GGUFFile:
         step = max(1, (16 << 20) // (4 * shape[1]))
         for a in range(0, shape[0], step):
             b = min(shape[0], a + step)
-            chunk = raw[a * row_bytes:b * row_bytes]
-            if kind in (_F32, _F16, _BF16):
-                vals = chunk.view({_F32: torch.float32, _F16: torch.float16, _BF16: torch.bfloat16}[kind])
-            else:
-                from gguf.quants import dequantize
-
-                vals = torch.from_numpy(np.ascontiguousarray(dequantize(chunk.numpy(), kind), dtype=np.float32))
-            out[a:b].copy_(vals.reshape(b - a, shape[1]))
+            out[a:b].copy_(self._values(gname, kind, raw[a * row_bytes:b * row_bytes]).reshape(b - a, shape[1]))
         if name.endswith("norm.weight"):
             out -= 1.0
         return out

@@ -18,12 +18,22 @@ import os
 import torch
 from torch import nn
 
-from .tokenizer import release_freed_memory
-
 HUGE_PAGE = 2 << 20
 _MIN_BYTES = 1 << 20  # smaller tensors (norm vectors) gain nothing: they stay where they are
 _COPY_CHUNK = 16 << 20
 _ALIGN = 4096  # each weight starts on its own page: SIMD-aligned rows, no false sharing between tensors
+
+
+def release_freed_memory() -> None:
+    """Return freed heap pages to the OS (glibc's malloc_trim). Reading Gemma's 33 MB tokenizer.json (tokenizer.py)
+    leaves ~190 MB of freed parser memory in the process (RSS 306 MiB after the read, 112 MiB after the trim), and
+    each weight copied onto the arena frees its original: without the trim both would count in the peak RSS."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        pass
 
 
 def enabled() -> bool:

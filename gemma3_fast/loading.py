@@ -18,9 +18,10 @@ import torch
 
 from .config import Gemma3Config
 from .gguf_import import GGUFFile
+from .huge_pages import release_freed_memory
 from .model import Gemma3Model
 from .quantize import QUANT_MODES
-from .tokenizer import GemmaTokenizer, release_freed_memory
+from .tokenizer import GemmaTokenizer
 from .weights import WeightsError, build_model, open_safetensors_folder, resolve_dtype
 
 DEFAULT_MODEL_NAME = "gemma-3-270m-q4_k_m"

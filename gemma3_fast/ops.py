@@ -144,8 +144,9 @@ if EXTENSION_AVAILABLE:
 
     @torch.library.register_fake(_lib + "dequantize")
     def _(blocks):
-        elems = {18: 32, 22: 32, 34: 32, 144: 256, 176: 256, 210: 256}.get(blocks.shape[2], 0)
-        return blocks.new_empty((blocks.shape[0], blocks.shape[1] * elems), dtype=torch.float32)
+        from .gguf_blocks import in_features
+
+        return blocks.new_empty((blocks.shape[0], in_features(blocks)), dtype=torch.float32)
 
     @torch.library.register_fake(_lib + "argmax")
     def _(x):

@@ -74,7 +74,7 @@ def _strip_prefix(name: str) -> str | None:
     return None
 
 
-def build_model(config: Gemma3Config, get_tensor: Callable[[str], torch.Tensor], names: list[str], source: str,
+def build_model(config: Gemma3Config, get_tensor: Callable[..., torch.Tensor], names: list[str], source: str,
                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                 backend: str = "auto", quantize: str = "none") -> Gemma3Model:
     """Assemble a model from checkpoint tensors (HF names), reading each once via `get_tensor(name)`.
@@ -97,7 +97,7 @@ def build_model(config: Gemma3Config, get_tensor: Callable[[str], torch.Tensor],
         raise WeightsError(f"{source}: missing tensor(s) {['model.' + m for m in missing[:5]]}{more}")
 
     def load(short: str, out: torch.Tensor | None = None) -> torch.Tensor:
-        t = get_tensor(index[short], dtype, out=out) if out is not None else get_tensor(index[short], dtype)
+        t = get_tensor(index[short], dtype, out=out)
         if is_blocks(t) or (t.dtype == torch.bfloat16 and getattr(get_tensor, "native", False)):
             # GGUF blocks, and a GGUF's BF16 projections on the native path: used as they are, in place
             rows, cols = shapes[short] if len(shapes[short]) == 2 else (-1, -1)

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <mutex>
 
 #include "vec.h"
 
@@ -81,5 +82,16 @@ inline Best combine_any(const Best& a, const Best& b) {
   if (b.index < 0) return a;
   return a.index < b.index ? combine(a, b) : combine(b, a);
 }
+
+// A head's running argmax, fed range by range from every thread that writes a chunk of the output: greedy
+// decoding's pick without a second pass over the logits (linear.cpp and gguf_linear.cpp).
+struct ArgmaxSink {
+  std::mutex mutex;
+  Best best;
+  void add(const Best& b) {
+    std::lock_guard<std::mutex> lock(mutex);
+    best = combine_any(best, b);
+  }
+};
 
 }  // namespace gemma3_fast

@@ -31,6 +31,12 @@ constexpr Format kFormats[] = {
     {Type::Q4_K, "Q4_K", 256, 144}, {Type::Q5_K, "Q5_K", 256, 176}, {Type::Q6_K, "Q6_K", 256, 210},
 };
 
+constexpr const Format& format_for(Type t) {
+  for (const Format& f : kFormats)
+    if (f.type == t) return f;
+  return kFormats[0];  // not reached: every Type has a row above
+}
+
 inline bool is_block_weight(const at::Tensor& w) { return w.scalar_type() == at::kByte && w.dim() == 3; }
 
 inline const Format* format_of(int64_t block_bytes) {

@@ -11,7 +11,7 @@
 
 #include <algorithm>
 #include <atomic>
-#include <mutex>
+#include <type_traits>
 #include <vector>
 
 #include "../checks.h"
@@ -26,9 +26,21 @@ namespace {
 using gguf::Format;
 using gguf::Type;
 
-constexpr int64_t block_bytes(Type t) {
-  return t == Type::Q4_0 ? 18 : t == Type::Q5_0 ? 22 : t == Type::Q8_0 ? 34 : t == Type::Q4_K ? 144 :
-         t == Type::Q5_K ? 176 : 210;
+constexpr int64_t block_bytes(Type t) { return gguf::format_for(t).block_bytes; }
+constexpr bool has_mins(Type t) { return t == Type::Q4_K || t == Type::Q5_K; }
+
+// f(std::integral_constant<Type, t>{}) for the runtime format t: one switch for every per-format kernel table.
+template <typename F>
+auto with_type(Type t, const F& f) {
+  switch (t) {
+    case Type::Q4_0: return f(std::integral_constant<Type, Type::Q4_0>{});
+    case Type::Q5_0: return f(std::integral_constant<Type, Type::Q5_0>{});
+    case Type::Q8_0: return f(std::integral_constant<Type, Type::Q8_0>{});
+    case Type::Q4_K: return f(std::integral_constant<Type, Type::Q4_K>{});
+    case Type::Q5_K: return f(std::integral_constant<Type, Type::Q5_K>{});
+    case Type::Q6_K: break;
+  }
+  return f(std::integral_constant<Type, Type::Q6_K>{});
 }
 
 #ifdef GEMMA3_AVX2
@@ -197,7 +209,7 @@ float row_dot(const float* x, const float* xsum, const uint8_t* b, int64_t block
     } else {
       a = acc_fma(dot32(x + 32 * j, q), d_lo, a);
     }
-    if constexpr (T == Type::Q4_K || T == Type::Q5_K) mins += min * xsum[j];
+    if constexpr (has_mins(T)) mins += min * xsum[j];
   });
   return acc_sum(acc_add(acc[0], acc[1])) - mins;
 }
@@ -227,7 +239,7 @@ float row_dot_i16(const int16_t* xq, const float* xsum, float inv_scale, const u
     acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_loadu_si256(x + 1), w1)),
                           _mm256_set1_ps(d_hi), acc);
 #endif
-    if constexpr (T == Type::Q4_K || T == Type::Q5_K) mins += min * xsum[j];
+    if constexpr (has_mins(T)) mins += min * xsum[j];
   });
   return acc_sum(acc) - mins * inv_scale;
 }
@@ -244,7 +256,7 @@ void dequantize_row(const uint8_t* b, int64_t blocks, float* out) {
       for (int e = 0; e < 2; ++e) {
         const __m128i bytes = e == 0 ? halves[h] : _mm_srli_si128(halves[h], 8);
         __m256 w = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)));
-        if constexpr (T == Type::Q4_K || T == Type::Q5_K) w = _mm256_sub_ps(w, _mm256_set1_ps(min));
+        if constexpr (has_mins(T)) w = _mm256_sub_ps(w, _mm256_set1_ps(min));
         _mm256_storeu_ps(o + 16 * h + 8 * e, w);
       }
     }
@@ -254,7 +266,7 @@ void dequantize_row(const uint8_t* b, int64_t blocks, float* out) {
 // Plain loops on the reference decoding: the compiler vectorizes the 32-weight products.
 template <Type T>
 float row_dot(const float* x, const float* xsum, const uint8_t* b, int64_t blocks) {
-  const Format& f = *gguf::format_of(block_bytes(T));
+  const Format& f = gguf::format_for(T);
   gguf::Decoded dec;
   float total = 0.f;
   for (int64_t i = 0; i < blocks; ++i, b += f.block_bytes, x += f.block_elems, xsum += f.block_elems / 32) {
@@ -271,7 +283,7 @@ float row_dot(const float* x, const float* xsum, const uint8_t* b, int64_t block
 
 template <Type T>
 void dequantize_row(const uint8_t* b, int64_t blocks, float* out) {
-  gguf::dequantize_blocks(*gguf::format_of(block_bytes(T)), b, blocks, out);
+  gguf::dequantize_blocks(gguf::format_for(T), b, blocks, out);
 }
 
 template <Type T>
@@ -285,52 +297,10 @@ using RowDot = float (*)(const float*, const float*, const uint8_t*, int64_t);
 using DequantizeRow = void (*)(const uint8_t*, int64_t, float*);
 using RowDotI16 = float (*)(const int16_t*, const float*, float, const uint8_t*, int64_t);
 
-RowDotI16 row_dot_i16_for(Type t) {
-  switch (t) {
-    case Type::Q4_0: return row_dot_i16<Type::Q4_0>;
-    case Type::Q5_0: return row_dot_i16<Type::Q5_0>;
-    case Type::Q8_0: return row_dot_i16<Type::Q8_0>;
-    case Type::Q4_K: return row_dot_i16<Type::Q4_K>;
-    case Type::Q5_K: return row_dot_i16<Type::Q5_K>;
-    case Type::Q6_K: return row_dot_i16<Type::Q6_K>;
-  }
-  return nullptr;
-}
 
 std::atomic<bool> g_int16_activations{false};
 
-RowDot row_dot_for(Type t) {
-  switch (t) {
-    case Type::Q4_0: return row_dot<Type::Q4_0>;
-    case Type::Q5_0: return row_dot<Type::Q5_0>;
-    case Type::Q8_0: return row_dot<Type::Q8_0>;
-    case Type::Q4_K: return row_dot<Type::Q4_K>;
-    case Type::Q5_K: return row_dot<Type::Q5_K>;
-    case Type::Q6_K: return row_dot<Type::Q6_K>;
-  }
-  return nullptr;
-}
 
-DequantizeRow dequantize_row_for(Type t) {
-  switch (t) {
-    case Type::Q4_0: return dequantize_row<Type::Q4_0>;
-    case Type::Q5_0: return dequantize_row<Type::Q5_0>;
-    case Type::Q8_0: return dequantize_row<Type::Q8_0>;
-    case Type::Q4_K: return dequantize_row<Type::Q4_K>;
-    case Type::Q5_K: return dequantize_row<Type::Q5_K>;
-    case Type::Q6_K: return dequantize_row<Type::Q6_K>;
-  }
-  return nullptr;
-}
-
-struct ArgmaxSink {
-  std::mutex mutex;
-  Best best;
-  void add(const Best& b) {
-    std::lock_guard<std::mutex> lock(mutex);
-    best = combine_any(best, b);
-  }
-};
 
 // Up to here one pass over the blocks per token; beyond, dequantized tiles and the fp32 matmul. The default model's
 // prefill on the 2-core EPYC (AVX-512 build): per-token passes cost 13 ms + 4.5 ms per token past the first
@@ -340,7 +310,8 @@ constexpr int64_t kMaxGemvTokens = 5;
 // Rows [r0, r1) of w dequantized into out [r1 - r0, k].
 void dequantize_rows(const Format& f, const uint8_t* w, int64_t row_bytes, int64_t r0, int64_t r1, float* out,
                      int64_t k) {
-  const DequantizeRow dequantize = dequantize_row_for(f.type);
+  const DequantizeRow dequantize =
+      with_type(f.type, [](auto t) -> DequantizeRow { return dequantize_row<decltype(t)::value>; });
   at::parallel_for(r0, r1, 16, [&](int64_t a, int64_t b) {
     for (int64_t r = a; r < b; ++r) dequantize(w + r * row_bytes, k / f.block_elems, out + (r - r0) * k);
   });
@@ -380,8 +351,8 @@ at::Tensor block_linear(const at::Tensor& x_in, const at::Tensor& weight, Argmax
   }
 
   const float* xp = x.data_ptr<float>();
-  std::vector<float> xsum(tokens * (k / 32));
-  for (int64_t t = 0; t < tokens; ++t)
+  std::vector<float> xsum(tokens * (k / 32));  // read only by the formats with mins
+  for (int64_t t = 0; has_mins(f.type) && t < tokens; ++t)
     for (int64_t j = 0; j < k / 32; ++j) {
       float s = 0.f;
       for (int l = 0; l < 32; ++l) s += xp[t * k + 32 * j + l];
@@ -389,18 +360,21 @@ at::Tensor block_linear(const at::Tensor& x_in, const at::Tensor& weight, Argmax
     }
   at::Tensor out = at::empty(out_shape, x.options());
   float* op = out.data_ptr<float>();
-  const RowDot dot = row_dot_for(f.type);
+  const RowDot dot = with_type(f.type, [](auto t) -> RowDot { return row_dot<decltype(t)::value>; });
+  const RowDotI16 dot_i16 = with_type(f.type, [](auto t) -> RowDotI16 { return row_dot_i16<decltype(t)::value>; });
   const bool int16_x = kHasInt16Path && g_int16_activations.load(std::memory_order_relaxed);
   std::vector<int16_t> xq(int16_x ? tokens * k : 0);
-  std::vector<float> x_scale(int16_x ? tokens : 0);
-  for (int64_t t = 0; int16_x && t < tokens; ++t) x_scale[t] = vec::quantize_int16(xp + t * k, k, xq.data() + t * k);
-  const RowDotI16 dot_i16 = row_dot_i16_for(f.type);
+  std::vector<float> x_scale(int16_x ? tokens : 0), x_inv_scale(int16_x ? tokens : 0);
+  for (int64_t t = 0; int16_x && t < tokens; ++t) {
+    x_scale[t] = vec::quantize_int16(xp + t * k, k, xq.data() + t * k);
+    x_inv_scale[t] = 1.f / x_scale[t];
+  }
   at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const uint8_t* row = w + r * row_bytes;
       for (int64_t t = 0; t < tokens; ++t) {
         const float* xs = xsum.data() + t * (k / 32);
-        op[t * n + r] = int16_x ? dot_i16(xq.data() + t * k, xs, 1.f / x_scale[t], row, blocks) * x_scale[t]
+        op[t * n + r] = int16_x ? dot_i16(xq.data() + t * k, xs, x_inv_scale[t], row, blocks) * x_scale[t]
                                 : dot(xp + t * k, xs, row, blocks);
       }
     }

@@ -12,7 +12,6 @@
 #include <torch/version.h>
 
 #include <atomic>
-#include <mutex>
 #include <optional>
 #include <vector>
 
@@ -329,18 +328,8 @@ bool fp32_matmul_in_bf16() {
 #endif
 }
 
-// The argmax of a one-token decode's output, gathered chunk by chunk while each chunk is still in L1: greedy
-// decoding's pick without a second pass over the logits (the argmax op, reading them back from two cores'
-// caches and DRAM, took 56-65 us of a decode step).
-struct ArgmaxSink {
-  std::mutex mutex;
-  Best best;
-  void add(const Best& b) {
-    std::lock_guard<std::mutex> lock(mutex);
-    best = combine_any(best, b);
-  }
-};
-
+// With an ArgmaxSink, the argmax of a one-token decode's output is gathered chunk by chunk while each chunk is still
+// in L1 (the argmax op, reading the logits back from two cores' caches and DRAM, took 56-65 us of a decode step).
 at::Tensor linear_impl(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& scales,
                        ArgmaxSink* argmax);
 
