@@ -49,6 +49,13 @@ TORCH_LIBRARY(gemma3_fast, m) {
         "Tensor inv_freq_local, Tensor inv_freq_global, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, "
         "Tensor[] weights, Tensor?[] scales, Tensor[] norms, int[] windows, bool[] ring, Tensor head_weight, "
         "Tensor? head_scales, int num_heads, float scale, float eps, bool write_cache, bool all_logits) -> Tensor");
+  // One decode step of B sequences (reference_ops.decoder_forward_batched): ids[b] at positions[b], each sequence
+  // over its own caches (sequence b's layer i: k_caches[b * layers + i]), its key and value written there.
+  // Logits [B, vocab], each row the one decoder_forward gives that sequence alone (batch-invariant).
+  m.def("decoder_forward_batched(Tensor ids, Tensor positions, Tensor embed_weight, float embed_scale, "
+        "Tensor first_norm, Tensor inv_freq_local, Tensor inv_freq_global, Tensor(a!)[] k_caches, "
+        "Tensor(b!)[] v_caches, Tensor[] weights, Tensor?[] scales, Tensor[] norms, int[] windows, bool[] ring, "
+        "Tensor head_weight, Tensor? head_scales, int num_heads, float scale, float eps) -> Tensor");
 
   // -- training: the batched forward's extra ops and the backward of each fused op -------------------------
   // gelu_tanh(gate) * up of the fused gate|up projection output [..., 2I] -> [..., I], fp32 math.

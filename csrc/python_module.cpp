@@ -47,7 +47,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("OPENMP") = false;
 #endif
   pybind11::class_<DecodeSession>(m, "DecodeSession",
-                                  "decoder_forward's arguments for one model and KV cache, bound once (CPU only)")
+                                  "decoder_forward's arguments for one model and its KV caches (one or more slots), bound once "
+                                  "(CPU only)")
       .def(pybind11::init([](at::Tensor embed_weight, double embed_scale, at::Tensor first_norm,
                              at::Tensor inv_freq_local, at::Tensor inv_freq_global, std::vector<at::Tensor> k_caches,
                              std::vector<at::Tensor> v_caches, std::vector<at::Tensor> weights,
@@ -68,18 +69,31 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            pybind11::arg("head_scales"), pybind11::arg("num_heads"), pybind11::arg("scale"), pybind11::arg("eps"))
       .def(
           "logits",
-          [](DecodeSession& s, int64_t token, int64_t position) {
-            return without_backtrace([&] { return s.logits(token, position); });
+          [](DecodeSession& s, int64_t token, int64_t position, int64_t slot) {
+            return without_backtrace([&] { return s.logits(token, position, slot); });
           },
-          pybind11::arg("token"), pybind11::arg("position"), pybind11::call_guard<pybind11::gil_scoped_release>(),
-          "logits [1, vocab] of one decode step (token at position), its key and value written to the cache")
+          pybind11::arg("token"), pybind11::arg("position"), pybind11::arg("slot") = 0,
+          pybind11::call_guard<pybind11::gil_scoped_release>(),
+          "logits [1, vocab] of one decode step (token at position), its key and value written to slot's caches")
       .def(
           "greedy",
-          [](DecodeSession& s, int64_t token, int64_t position) {
-            return without_backtrace([&] { return s.greedy(token, position); });
+          [](DecodeSession& s, int64_t token, int64_t position, int64_t slot) {
+            return without_backtrace([&] { return s.greedy(token, position, slot); });
           },
-          pybind11::arg("token"), pybind11::arg("position"), pybind11::call_guard<pybind11::gil_scoped_release>(),
-          "one decode step, then the argmax of its logits: the next token of greedy decoding");
+          pybind11::arg("token"), pybind11::arg("position"), pybind11::arg("slot") = 0,
+          pybind11::call_guard<pybind11::gil_scoped_release>(),
+          "one decode step, then the argmax of its logits: the next token of greedy decoding")
+      .def(
+          "logits_batch",
+          [](DecodeSession& s, const std::vector<int64_t>& tokens, const std::vector<int64_t>& positions,
+             const std::vector<int64_t>& slots) {
+            return without_backtrace([&] { return s.logits_batch(tokens, positions, slots); });
+          },
+          pybind11::arg("tokens"), pybind11::arg("positions"), pybind11::arg("slots"),
+          pybind11::call_guard<pybind11::gil_scoped_release>(),
+          "one decode step of several sequences (tokens[b] at positions[b] in slot slots[b]): logits [B, vocab], "
+          "each row the one a step of that sequence alone gives")
+      .def_property_readonly("num_slots", &DecodeSession::num_slots);
   m.def(
       "linear_argmax",
       [](const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& scales) {

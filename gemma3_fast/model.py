@@ -286,6 +286,10 @@ class Gemma3Model(nn.Module):
         """Decode steps over `cache` with the model's current weights bound once: what generation runs."""
         return DecodeSession(self, cache)
 
+    def batched_session(self, caches: list[KVCache]) -> "BatchedDecodeSession":
+        """Decode steps of several sequences at once, sequence `slot` over caches[slot]: what the server runs."""
+        return BatchedDecodeSession(self, caches)
+
 
 class DecodeSession:
     """Decode steps of one model over one KV cache: `greedy(token)` returns the next token id, `logits(token)`
@@ -331,3 +335,58 @@ class DecodeSession:
         nxt = self._native.greedy(token, self._position(token))
         self.cache.seq_len += 1
         return nxt
+
+
+class BatchedDecodeSession:
+    """Decode steps of up to len(caches) sequences together, each over its own KV cache (a slot): `logits(tokens,
+    slots)` runs tokens[b] in slot slots[b] at that cache's seq_len, advances it, and returns logits [B, vocab].
+    Each weight is read once for the whole batch, and row b equals the logits of a batch-1 step of that sequence
+    (decoder_forward_batched's contract): a sequence's output does not depend on what else is in the batch.
+    Prefill a slot with model.prefill(ids, caches[slot]). On the CPU extension the steps run from C++ (one
+    _C.DecodeSession holding every slot's caches); other backends run the reference op, sequence by sequence."""
+
+    def __init__(self, model: Gemma3Model, caches: list[KVCache]):
+        if not caches:
+            raise ValueError("a batched session needs at least one KV cache (slot)")
+        self.model, self.caches = model, list(caches)
+        self._vocab = model.config.vocab_size
+        c, plan, head = model.config, model._block_plan(), model.lm_head
+        self._k = [t for cache in self.caches for t in cache.k]
+        self._v = [t for cache in self.caches for t in cache.v]
+        self._args = (model.embed_tokens.weight, model.embed_scale(), plan.first_norm, model.inv_freq_local,
+                      model.inv_freq_global)
+        self._rest = (plan.weights, plan.scales, plan.norms, plan.windows, self.caches[0].ring, head.weight,
+                      head.scales, c.num_attention_heads, c.attn_scale, c.rms_norm_eps)
+        self._native = None
+        if model.ops.name == "extension" and model.device.type == "cpu":
+            self._native = ops_module.native_module().DecodeSession(*self._args, self._k, self._v, *self._rest)
+
+    def _positions(self, tokens: list[int], slots: list[int]) -> list[int]:
+        if len(tokens) != len(slots) or not tokens:
+            raise ValueError(f"a batched step takes one slot per token (at least one), got {len(tokens)} tokens and "
+                             f"{len(slots)} slots")
+        if len(set(slots)) != len(slots):
+            raise ValueError(f"slots {slots} repeat a slot: each sequence steps once per batch")
+        for token, slot in zip(tokens, slots):
+            if not 0 <= slot < len(self.caches):
+                raise ValueError(f"slot {slot} does not exist: the session has {len(self.caches)} slots")
+            if not 0 <= token < self._vocab:
+                raise ValueError(f"token {token} is not a token id: the vocabulary has {self._vocab} entries")
+            self.caches[slot].check_room(1)
+        return [self.caches[slot].seq_len for slot in slots]
+
+    @torch.inference_mode()
+    def logits(self, tokens: list[int], slots: list[int]) -> torch.Tensor:
+        positions = self._positions(tokens, slots)
+        if self._native is not None:
+            out = self._native.logits_batch(tokens, positions, slots)
+        else:
+            layers = len(self.model.layers)
+            pick = lambda caches: [caches[s * layers + i] for s in slots for i in range(layers)]  # noqa: E731
+            device = self.model.device
+            out = self.model.ops.decoder_forward_batched(
+                torch.tensor(tokens, device=device), torch.tensor(positions, device=device), *self._args,
+                pick(self._k), pick(self._v), *self._rest)
+        for slot in slots:
+            self.caches[slot].seq_len += 1
+        return out

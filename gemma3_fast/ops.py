@@ -16,8 +16,8 @@ import torch
 from . import reference_ops
 
 OP_NAMES = ("rms_norm", "add_rms_norm", "qk_norm_rope", "kv_cache_write", "attention", "linear", "argmax",
-            "decoder_layer", "decoder_layers", "decoder_forward", "gelu_tanh_mul", "causal_attention",
-            "softmax_cross_entropy_", "dequantize")
+            "decoder_layer", "decoder_layers", "decoder_forward", "decoder_forward_batched", "gelu_tanh_mul",
+            "causal_attention", "softmax_cross_entropy_", "dequantize")
 # The ops a training step runs (reference_ops.decoder_block's op set plus the batched attention); in the
 # extension each has a registered autograd formula whose backward is a C++ op.
 TRAINING_OP_NAMES = ("linear", "rms_norm", "add_rms_norm", "qk_norm_rope", "gelu_tanh_mul", "causal_attention",
@@ -168,6 +168,12 @@ if EXTENSION_AVAILABLE:
           all_logits):
         dtype = embed_weight.dtype if embed_weight.is_floating_point() else torch.float32  # GGUF blocks: fp32
         return embed_weight.new_empty((ids.shape[0] if all_logits else 1, head_weight.shape[0]), dtype=dtype)
+
+    @torch.library.register_fake(_lib + "decoder_forward_batched")
+    def _(ids, positions, embed_weight, embed_scale, first_norm, inv_freq_local, inv_freq_global, k_caches, v_caches,
+          weights, scales, norms, windows, ring, head_weight, head_scales, num_heads, scale, eps):
+        dtype = embed_weight.dtype if embed_weight.is_floating_point() else torch.float32
+        return embed_weight.new_empty((ids.shape[0], head_weight.shape[0]), dtype=dtype)
 
     # Devices with no compiled kernel (Apple's MPS) run the reference through the same op.
     for _name in OP_NAMES:

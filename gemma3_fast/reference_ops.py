@@ -262,3 +262,23 @@ def decoder_forward(ids: torch.Tensor, positions: torch.Tensor, embed_weight: to
     h, y = decoder_layers(h, y, positions, rope, k_caches, v_caches, weights, scales, norms, windows, ring,
                           num_heads, scale, eps, write_cache)
     return linear(y if all_logits else y[-1:], head_weight, head_scales)
+
+
+def decoder_forward_batched(ids: torch.Tensor, positions: torch.Tensor, embed_weight: torch.Tensor,
+                            embed_scale: float, first_norm: torch.Tensor, inv_freq_local: torch.Tensor,
+                            inv_freq_global: torch.Tensor, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],
+                            weights: list[torch.Tensor], scales: list[torch.Tensor | None], norms: list[torch.Tensor],
+                            windows: list[int], ring: list[bool], head_weight: torch.Tensor,
+                            head_scales: torch.Tensor | None, num_heads: int, scale: float, eps: float) -> torch.Tensor:
+    """One decode step of B sequences: ids[b] at positions[b], sequence b over its own caches (its layer i at
+    k_caches[b * layers + i]), each key and value written there. Logits [B, vocab]: row b is decoder_forward of
+    sequence b alone, which is what this does."""
+    n, b = len(windows), ids.shape[0]
+    if len(k_caches) != b * n or len(v_caches) != b * n:
+        raise ValueError(f"decoder_forward_batched takes one k_cache and one v_cache per sequence and layer: {b} "
+                         f"sequences x {n} layers need {b * n}, got {len(k_caches)} and {len(v_caches)}")
+    rows = [decoder_forward(ids[i:i + 1], positions[i:i + 1], embed_weight, embed_scale, first_norm, inv_freq_local,
+                            inv_freq_global, k_caches[i * n:(i + 1) * n], v_caches[i * n:(i + 1) * n], weights,
+                            scales, norms, windows, ring, head_weight, head_scales, num_heads, scale, eps, True, False)
+            for i in range(b)]
+    return torch.cat(rows)

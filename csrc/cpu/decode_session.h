@@ -7,6 +7,10 @@
 // argmax op. Each is a few microseconds in a warm loop but many times that here, because the weights streaming
 // past between two steps evict the interpreter's and the dispatcher's code and data.
 // The session does the same work as the op (it calls the same CPU kernel) with none of that per step.
+//
+// A session may hold several sequences' caches (slots): k_caches is then slot-major, slot s's layer i at
+// s * layers + i. A step of one slot is decoder_forward; a step of several (the server's batch) is
+// decoder_forward_batched, each weight read once for all of them.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -26,13 +30,18 @@ class DecodeSession {
                 at::Tensor head_weight, std::optional<at::Tensor> head_scales, int64_t num_heads, double scale,
                 double eps);
 
-  // decoder_forward of one token at `position`, writing its key and value to the caches: logits [1, vocab].
-  at::Tensor logits(int64_t token, int64_t position);
+  // decoder_forward of one token at `position`, writing its key and value to slot's caches: logits [1, vocab].
+  at::Tensor logits(int64_t token, int64_t position, int64_t slot = 0);
   // The same step and the argmax of its logits (greedy decoding's next token), found while the head writes them.
-  int64_t greedy(int64_t token, int64_t position);
+  int64_t greedy(int64_t token, int64_t position, int64_t slot = 0);
+  // decoder_forward_batched: tokens[b] at positions[b] in slot slots[b] (distinct slots): logits [B, vocab].
+  at::Tensor logits_batch(const std::vector<int64_t>& tokens, const std::vector<int64_t>& positions,
+                          const std::vector<int64_t>& slots);
+  int64_t num_slots() const { return num_slots_; }
 
  private:
-  at::Tensor hidden(int64_t token, int64_t position);  // the step up to the head: [1, hidden]
+  at::Tensor hidden(int64_t token, int64_t position, int64_t slot);  // the step up to the head: [1, hidden]
+  void check_slot(int64_t slot, const char* what) const;
   template <typename F>
   auto head(const F& f);
 
@@ -42,7 +51,7 @@ class DecodeSession {
   c10::List<std::optional<at::Tensor>> scales_;
   std::vector<int64_t> windows_;
   c10::List<bool> ring_;
-  int64_t num_heads_;
+  int64_t num_heads_, num_layers_, num_slots_;
   double embed_scale_, scale_, eps_;
   at::Tensor ids_, positions_;  // [1] int64 each, rewritten every step
 };

@@ -5,6 +5,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstring>
+#include <vector>
+
 #include "../checks.h"
 #include "gguf_blocks.h"
 #include "kernels.h"
@@ -26,18 +29,21 @@ at::Tensor heads_view(const at::Tensor& m, int64_t col, int64_t heads, int64_t d
 
 // A block from its attention output on: o_proj, the residual and post-attention norm, the gated MLP, the residual
 // and post-MLP norm (with the next block's input norm). attn [t, heads, d] contiguous, h [t, hidden].
+// lin: linear_cpu, or linear_rowwise in a batched step.
+using LinearFn = at::Tensor (*)(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&);
+
 std::tuple<at::Tensor, at::Tensor> block_after_attention(const at::Tensor& attn, const at::Tensor& h,
                                                          at::TensorList weights,
                                                          const c10::List<std::optional<at::Tensor>>& scales,
-                                                         at::TensorList norms, double eps) {
+                                                         at::TensorList norms, double eps, LinearFn lin = linear_cpu) {
   // attn as [t, heads * d], without the dispatcher as above.
-  const at::Tensor o = linear_cpu(at::from_blob(attn.data_ptr(), {attn.size(0), attn.size(1) * attn.size(2)},
+  const at::Tensor o = lin(at::from_blob(attn.data_ptr(), {attn.size(0), attn.size(1) * attn.size(2)},
                                                 attn.options()),
                                   weights[1], scales.get(1));
   const auto [h1, y1] = add_rms_norm_cpu(o, h, norms[2], norms[3], eps);
-  const at::Tensor gate_up = linear_cpu(y1, weights[2], scales.get(2));
+  const at::Tensor gate_up = lin(y1, weights[2], scales.get(2));
   const at::Tensor act = gelu_tanh_mul_cpu(gate_up);
-  const at::Tensor mlp = linear_cpu(act, weights[3], scales.get(3));
+  const at::Tensor mlp = lin(act, weights[3], scales.get(3));
   return add_rms_norm_cpu(mlp, h1, norms[4], norms[5], eps);
 }
 
@@ -83,13 +89,10 @@ bool last_token_fits(const at::Tensor& k_cache, const at::Tensor& positions, int
 
 // One block. last_token_only: the caller wants only the last token's output ([1, hidden] then), and the block
 // may skip the other tokens' work where decoder_layer_last_token can run it.
-std::tuple<at::Tensor, at::Tensor> decoder_block(const at::Tensor& h, const at::Tensor& y, const at::Tensor& positions,
-                                                 const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache,
-                                                 at::Tensor& v_cache, at::TensorList weights,
-                                                 const c10::List<std::optional<at::Tensor>>& scales,
-                                                 at::TensorList norms, int64_t num_heads, int64_t window,
-                                                 double scale, double eps, bool ring, bool write_cache,
-                                                 bool last_token_only) {
+// The checks of one block's arguments (decoder_block and decoder_block_batched); returns kv_heads.
+int64_t check_block_args(const at::Tensor& h, const at::Tensor& y, at::TensorList weights,
+                         const c10::List<std::optional<at::Tensor>>& scales, at::TensorList norms,
+                         int64_t num_heads) {
   TORCH_CHECK(weights.size() == 4, "gemma3_fast: decoder_layer takes 4 weights [qkv, o, gate_up, down], got ",
               weights.size());
   TORCH_CHECK(scales.size() == 4, "gemma3_fast: decoder_layer takes 4 scales (None unless int8), got ",
@@ -105,7 +108,7 @@ std::tuple<at::Tensor, at::Tensor> decoder_block(const at::Tensor& h, const at::
     else gguf::block_format(weights[i], kWeightNames[i]);
     in[i] = gguf::in_features(weights[i]);
   }
-  const int64_t t = h.size(0), hidden = h.size(1), d = norms[0].numel();
+  const int64_t hidden = h.size(1), d = norms[0].numel();
   const int64_t qkv_heads = d > 0 ? weights[0].size(0) / d : 0;
   TORCH_CHECK(d > 0 && weights[0].size(0) % d == 0 && qkv_heads > num_heads && (qkv_heads - num_heads) % 2 == 0,
               "gemma3_fast: ", kWeightNames[0], " has ", weights[0].size(0), " rows, expected (num_heads + 2 * ",
@@ -117,6 +120,17 @@ std::tuple<at::Tensor, at::Tensor> decoder_block(const at::Tensor& h, const at::
               " rows, expected twice ", kWeightNames[3], "'s in_features (", in[3], ")");
   TORCH_CHECK(weights[1].size(0) == hidden && weights[3].size(0) == hidden, "gemma3_fast: o_proj and down_proj ",
               "must have ", hidden, " (hidden) rows, got ", weights[1].size(0), " and ", weights[3].size(0));
+  return hk;
+}
+
+std::tuple<at::Tensor, at::Tensor> decoder_block(const at::Tensor& h, const at::Tensor& y, const at::Tensor& positions,
+                                                 const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache,
+                                                 at::Tensor& v_cache, at::TensorList weights,
+                                                 const c10::List<std::optional<at::Tensor>>& scales,
+                                                 at::TensorList norms, int64_t num_heads, int64_t window,
+                                                 double scale, double eps, bool ring, bool write_cache,
+                                                 bool last_token_only) {
+  const int64_t hk = check_block_args(h, y, weights, scales, norms, num_heads), t = h.size(0), d = norms[0].numel();
   if (last_token_only && write_cache && last_token_fits(k_cache, positions, window, ring))
     return decoder_layer_last_token(h, y, positions, cos, sin, k_cache, v_cache, weights, scales, norms, num_heads,
                                     window, scale, eps, ring);
@@ -130,6 +144,45 @@ std::tuple<at::Tensor, at::Tensor> decoder_block(const at::Tensor& h, const at::
   if (write_cache)  // after attention: a chunk longer than the ring still attends to its own keys
     kv_cache_write_cpu(k_cache, v_cache, kr, v, positions, ring);
   return block_after_attention(attn, h, weights, scales, norms, eps);
+}
+
+// linear_cpu of the rows of x in groups that the bandwidth-bound kernel takes whole (gemv_token_limit): each
+// row then gets the arithmetic it gets alone, so a sequence's logits do not depend on its batch (a matmul over
+// more rows would round differently), and each weight is read once per group.
+at::Tensor linear_rowwise(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& scales) {
+  const int64_t t = x.size(0), limit = gemv_token_limit(weight);
+  if (t <= limit) return linear_cpu(x, weight, scales);
+  std::vector<at::Tensor> parts;
+  for (int64_t r = 0; r < t; r += limit) parts.push_back(linear_cpu(x.narrow(0, r, std::min(limit, t - r)), weight,
+                                                                    scales));
+  return at::cat(parts);
+}
+
+// One block for B sequences, one token each: row b is sequence b's token at positions[b], attending over its own
+// caches k_caches[b], v_caches[b]. The projections read each weight once for all rows (linear_rowwise); attention
+// and the cache write run per sequence, through the same kernels as a batch-1 step.
+std::tuple<at::Tensor, at::Tensor> decoder_block_batched(const at::Tensor& h, const at::Tensor& y,
+                                                         const at::Tensor& positions, const at::Tensor& cos,
+                                                         const at::Tensor& sin, std::vector<at::Tensor>& k_caches,
+                                                         std::vector<at::Tensor>& v_caches, at::TensorList weights,
+                                                         const c10::List<std::optional<at::Tensor>>& scales,
+                                                         at::TensorList norms, int64_t num_heads, int64_t window,
+                                                         double scale, double eps, bool ring) {
+  const int64_t hk = check_block_args(h, y, weights, scales, norms, num_heads), b = h.size(0), d = norms[0].numel();
+  const at::Tensor qkv = linear_rowwise(y, weights[0], scales.get(0));
+  const at::Tensor q = heads_view(qkv, 0, num_heads, d), k = heads_view(qkv, num_heads * d, hk, d);
+  const at::Tensor v = heads_view(qkv, (num_heads + hk) * d, hk, d).contiguous();
+  const auto [qr, kr] = qk_norm_rope_cpu(q, k, norms[0], norms[1], cos, sin, eps);
+  at::Tensor attn = at::empty_like(qr);
+  const int64_t row_bytes = attn.stride(0) * attn.element_size();
+  for (int64_t i = 0; i < b; ++i) {
+    auto row = [i](const at::Tensor& x) { return x.narrow(0, i, 1); };  // contiguous: rows of contiguous
+    const at::Tensor a = attention_cpu(row(qr), row(kr), row(v), k_caches[i], v_caches[i], row(positions), window,
+                                       scale);
+    std::memcpy(static_cast<char*>(attn.data_ptr()) + i * row_bytes, a.data_ptr(), row_bytes);
+    kv_cache_write_cpu(k_caches[i], v_caches[i], row(kr), row(v), row(positions), ring);
+  }
+  return block_after_attention(attn, h, weights, scales, norms, eps, linear_rowwise);
 }
 
 std::tuple<at::Tensor, at::Tensor> decoder_layer_cpu(const at::Tensor& h, const at::Tensor& y,
@@ -200,16 +253,18 @@ std::tuple<at::Tensor, at::Tensor> decoder_layers_cpu(const at::Tensor& h, const
 
 }  // namespace
 
-// The whole forward up to the head (decoder_forward_cpu below adds it). At decode the steps around the blocks
-// (embedding, first norm, RoPE tables, head) were ~10 ATen calls from Python, each 15-25 us there: the weights
-// streaming past evict the interpreter's and the dispatcher's code and data from every cache, so a call that
-// takes 2-5 us in a warm loop costs several times that once per step.
-at::Tensor decoder_hidden_cpu(const at::Tensor& ids, const at::Tensor& positions, const at::Tensor& embed_weight,
-                              double embed_scale, const at::Tensor& first_norm, const at::Tensor& inv_freq_local,
-                              const at::Tensor& inv_freq_global, at::TensorList k_caches, at::TensorList v_caches,
-                              at::TensorList weights, const c10::List<std::optional<at::Tensor>>& scales,
-                              at::TensorList norms, at::IntArrayRef windows, const c10::List<bool>& ring,
-                              int64_t num_heads, double scale, double eps, bool write_cache, bool last_token_only) {
+namespace {
+
+// What every block of a step takes from the ids and positions: h (embedding rows x embed_scale, in the weights'
+// dtype, fp32 for GGUF blocks), y (the first block's input norm of h), and per layer its RoPE tables (cos, sin).
+struct StepInputs {
+  at::Tensor h, y;
+  std::vector<at::Tensor> rope;
+};
+
+StepInputs step_inputs(const at::Tensor& ids, const at::Tensor& positions, const at::Tensor& embed_weight,
+                       double embed_scale, const at::Tensor& first_norm, const at::Tensor& inv_freq_local,
+                       const at::Tensor& inv_freq_global, at::IntArrayRef windows, double eps) {
   TORCH_CHECK(ids.scalar_type() == at::kLong && ids.dim() == 1 && ids.numel() > 0, "gemma3_fast: ids must be a "
               "non-empty int64 tensor [tokens], got ", ids.scalar_type(), " of shape ", ids.sizes());
   check_contiguous(ids, "ids");
@@ -278,8 +333,91 @@ at::Tensor decoder_hidden_cpu(const at::Tensor& ids, const at::Tensor& positions
     rope.push_back(tables[window ? 0 : 2]);
     rope.push_back(tables[window ? 1 : 3]);
   }
-  return std::get<1>(decoder_blocks(h, y, positions, rope, k_caches, v_caches, weights, scales, norms, windows, ring,
-                                    num_heads, scale, eps, write_cache, last_token_only));
+  return {h, y, rope};
+}
+
+}  // namespace
+
+// The whole forward up to the head (decoder_forward_cpu below adds it). At decode the steps around the blocks
+// (embedding, first norm, RoPE tables, head) were ~10 ATen calls from Python, each 15-25 us there: the weights
+// streaming past evict the interpreter's and the dispatcher's code and data from every cache, so a call that
+// takes 2-5 us in a warm loop costs several times that once per step.
+at::Tensor decoder_hidden_cpu(const at::Tensor& ids, const at::Tensor& positions, const at::Tensor& embed_weight,
+                              double embed_scale, const at::Tensor& first_norm, const at::Tensor& inv_freq_local,
+                              const at::Tensor& inv_freq_global, at::TensorList k_caches, at::TensorList v_caches,
+                              at::TensorList weights, const c10::List<std::optional<at::Tensor>>& scales,
+                              at::TensorList norms, at::IntArrayRef windows, const c10::List<bool>& ring,
+                              int64_t num_heads, double scale, double eps, bool write_cache, bool last_token_only) {
+  const StepInputs in = step_inputs(ids, positions, embed_weight, embed_scale, first_norm, inv_freq_local,
+                                    inv_freq_global, windows, eps);
+  return std::get<1>(decoder_blocks(in.h, in.y, positions, in.rope, k_caches, v_caches, weights, scales, norms,
+                                    windows, ring, num_heads, scale, eps, write_cache, last_token_only));
+}
+
+// One decode step of B sequences (decoder_forward_batched without the head): ids[b] at positions[b], sequence b's
+// caches k_caches[b * L + i] for layer i of L. Returns the final-normed hidden states [B, hidden].
+at::Tensor decoder_hidden_batched_cpu(const at::Tensor& ids, const at::Tensor& positions,
+                                      const at::Tensor& embed_weight, double embed_scale, const at::Tensor& first_norm,
+                                      const at::Tensor& inv_freq_local, const at::Tensor& inv_freq_global,
+                                      at::TensorList k_caches, at::TensorList v_caches, at::TensorList weights,
+                                      const c10::List<std::optional<at::Tensor>>& scales, at::TensorList norms,
+                                      at::IntArrayRef windows, const c10::List<bool>& ring, int64_t num_heads,
+                                      double scale, double eps) {
+  const size_t n = windows.size(), b = static_cast<size_t>(ids.numel());
+  TORCH_CHECK(n > 0, "gemma3_fast: decoder_forward_batched needs at least one layer (windows is empty)");
+  TORCH_CHECK(weights.size() == 4 * n && scales.size() == 4 * n && norms.size() == 6 * n && ring.size() == n,
+              "gemma3_fast: decoder_forward_batched takes 4 weights, 4 scales, 6 norms and 1 ring flag per layer: ",
+              n, " layers (the length of windows), got ", weights.size(), ", ", scales.size(), ", ", norms.size(),
+              " and ", ring.size());
+  TORCH_CHECK(k_caches.size() == b * n && v_caches.size() == b * n, "gemma3_fast: decoder_forward_batched takes ",
+              "one k_cache and one v_cache per sequence and layer (sequence b's layer i at b * layers + i): ", b,
+              " sequences x ", n, " layers need ", b * n, ", got ", k_caches.size(), " and ", v_caches.size());
+  const StepInputs in = step_inputs(ids, positions, embed_weight, embed_scale, first_norm, inv_freq_local,
+                                    inv_freq_global, windows, eps);
+  at::Tensor h = in.h, y = in.y;
+  std::vector<at::Tensor> k(b), v(b);
+  for (size_t i = 0; i < n; ++i) {
+    c10::List<std::optional<at::Tensor>> layer_scales;
+    for (size_t j = 0; j < 4; ++j) layer_scales.push_back(scales.get(4 * i + j));
+    for (size_t s = 0; s < b; ++s) {
+      k[s] = k_caches[s * n + i];
+      v[s] = v_caches[s * n + i];
+    }
+    try {
+      std::tie(h, y) = decoder_block_batched(h, y, positions, in.rope[2 * i], in.rope[2 * i + 1], k, v,
+                                             weights.slice(4 * i, 4), layer_scales, norms.slice(6 * i, 6), num_heads,
+                                             windows[i], scale, eps, ring.get(i));
+    } catch (const c10::Error& e) {
+      TORCH_CHECK(false, "gemma3_fast: decoder_forward_batched, layer ", i, ": ", e.what_without_backtrace());
+    }
+  }
+  return y;
+}
+
+// The output head of a batched step: linear_rowwise, so that each row's logits are the ones it gets alone.
+at::Tensor batched_head_cpu(const at::Tensor& y, const at::Tensor& head_weight,
+                            const std::optional<at::Tensor>& head_scales) {
+  try {
+    return linear_rowwise(y, head_weight, head_scales);
+  } catch (const c10::Error& e) {
+    TORCH_CHECK(false, "gemma3_fast: decoder_forward_batched, the output head (head_weight, head_scales): ",
+                e.what_without_backtrace());
+  }
+}
+
+at::Tensor decoder_forward_batched_cpu(const at::Tensor& ids, const at::Tensor& positions,
+                                       const at::Tensor& embed_weight, double embed_scale,
+                                       const at::Tensor& first_norm, const at::Tensor& inv_freq_local,
+                                       const at::Tensor& inv_freq_global, at::TensorList k_caches,
+                                       at::TensorList v_caches, at::TensorList weights,
+                                       const c10::List<std::optional<at::Tensor>>& scales, at::TensorList norms,
+                                       at::IntArrayRef windows, const c10::List<bool>& ring,
+                                       const at::Tensor& head_weight, const std::optional<at::Tensor>& head_scales,
+                                       int64_t num_heads, double scale, double eps) {
+  const at::Tensor y = decoder_hidden_batched_cpu(ids, positions, embed_weight, embed_scale, first_norm,
+                                                  inv_freq_local, inv_freq_global, k_caches, v_caches, weights,
+                                                  scales, norms, windows, ring, num_heads, scale, eps);
+  return batched_head_cpu(y, head_weight, head_scales);
 }
 
 at::Tensor decoder_forward_cpu(const at::Tensor& ids, const at::Tensor& positions, const at::Tensor& embed_weight,
@@ -304,6 +442,7 @@ TORCH_LIBRARY_IMPL(gemma3_fast, CPU, m) {
   m.impl("decoder_layer", &decoder_layer_cpu);
   m.impl("decoder_layers", &decoder_layers_cpu);
   m.impl("decoder_forward", &decoder_forward_cpu);
+  m.impl("decoder_forward_batched", &decoder_forward_batched_cpu);
 }
 
 }  // namespace gemma3_fast

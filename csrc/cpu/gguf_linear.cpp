@@ -387,6 +387,8 @@ at::Tensor block_linear(const at::Tensor& x_in, const at::Tensor& weight, Argmax
 
 at::Tensor block_linear_cpu(const at::Tensor& x, const at::Tensor& weight) { return block_linear(x, weight, nullptr); }
 
+int64_t block_gemv_token_limit() { return kMaxGemvTokens; }
+
 void set_gguf_int16_activations(bool on) {
   TORCH_CHECK(!on || kHasInt16Path, "gemma3_fast: int16 GGUF activations have kernels only in AVX2 builds (x86-64 "
               "with AVX2 + FMA); this build runs GGUF blocks with exact fp32 activations only");

@@ -50,6 +50,22 @@ at::Tensor decoder_hidden_cpu(const at::Tensor& ids, const at::Tensor& positions
                               at::TensorList weights, const c10::List<std::optional<at::Tensor>>& scales,
                               at::TensorList norms, at::IntArrayRef windows, const c10::List<bool>& ring,
                               int64_t num_heads, double scale, double eps, bool write_cache, bool last_token_only);
+// One decode step of B sequences, each at its own position over its own caches (sequence b's layer i:
+// k_caches[b * layers + i]): the final-normed hidden states [B, hidden], and the head over them. Each row's
+// arithmetic is the same as in a batch-1 step (decoder_hidden_cpu, linear_cpu): batch-invariant logits.
+at::Tensor decoder_hidden_batched_cpu(const at::Tensor& ids, const at::Tensor& positions,
+                                      const at::Tensor& embed_weight, double embed_scale, const at::Tensor& first_norm,
+                                      const at::Tensor& inv_freq_local, const at::Tensor& inv_freq_global,
+                                      at::TensorList k_caches, at::TensorList v_caches, at::TensorList weights,
+                                      const c10::List<std::optional<at::Tensor>>& scales, at::TensorList norms,
+                                      at::IntArrayRef windows, const c10::List<bool>& ring, int64_t num_heads,
+                                      double scale, double eps);
+at::Tensor batched_head_cpu(const at::Tensor& y, const at::Tensor& head_weight,
+                            const std::optional<at::Tensor>& head_scales);
+// The most tokens linear_cpu runs through its bandwidth-bound kernel on this weight (one pass over the weight,
+// each token's arithmetic independent of the others'); beyond it, a matmul.
+int64_t gemv_token_limit(const at::Tensor& weight);
+int64_t block_gemv_token_limit();
 at::Tensor decoder_forward_cpu(const at::Tensor& ids, const at::Tensor& positions, const at::Tensor& embed_weight,
                                double embed_scale, const at::Tensor& first_norm, const at::Tensor& inv_freq_local,
                                const at::Tensor& inv_freq_global, at::TensorList k_caches, at::TensorList v_caches,

@@ -348,6 +348,10 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::
   return linear_impl(x, weight, scales, nullptr);
 }
 
+int64_t gemv_token_limit(const at::Tensor& weight) {
+  return gguf::is_block_weight(weight) ? block_gemv_token_limit() : kMaxGemvTokens;
+}
+
 int64_t linear_argmax_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& scales) {
   if (gguf::is_block_weight(weight)) {
     check_no_scales_for_blocks(weight, scales);
