@@ -10,9 +10,10 @@ file there by default (see docs/PERFORMANCE.md, "Running the benchmarks"):
     pytest bench/test_ops_bench.py --benchmark-only --benchmark-json=bench/raw/ops.json
     python bench/e2e.py            # bench/raw/e2e.json
     python bench/train.py          # bench/raw/train.json
+    python bench/serve.py          # bench/raw/serve.json
 
-Three kinds of raw file, told apart by their content: pytest-benchmark's (`benchmarks`), bench/e2e.py's
-(`kind: e2e`) and bench/train.py's (`kind: train`). This module imports no torch, so it runs anywhere.
+Four kinds of raw file, told apart by their content: pytest-benchmark's (`benchmarks`), bench/e2e.py's
+(`kind: e2e`), bench/train.py's (`kind: train`) and bench/serve.py's (`kind: serve`). This module imports no torch, so it runs anywhere.
 """
 
 from __future__ import annotations
@@ -195,10 +196,40 @@ def render_train(data: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def render_serve(data: dict) -> str:
+    m = data["machine"]
+    out = [f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}. `python bench/serve.py`: "
+           f"~{data['prompt_tokens']}-token prompts, {data['new_tokens']} new tokens each, temperature 0, N requests "
+           "at concurrency C through the HTTP API (streamed). TTFT: time to the first token; TPOT: (latency - "
+           "TTFT) / (tokens - 1); ITL: gaps between streamed tokens; all medians unless p99. Decode step (mean), mean "
+           "batch and prefill share (of the wall time) are the server's own counters from /metrics.", "",
+           "| server | C | requests | output tok/s | × its C=1 | TTFT ms | TTFT p99 ms | TPOT ms | TPOT p99 ms | "
+           "ITL ms | ITL p99 ms | decode step ms | mean batch | prefill share | server RSS MiB |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, rows in data["runs"].items():
+        base = next((r["output_tps"] for r in rows if r["concurrency"] == 1), None)
+        for r in rows:
+            ratio = f"{r['output_tps'] / base:.2f}" if base else "-"
+            out.append(f"| {name} | {r['concurrency']} | {r['requests']} | {r['output_tps']:.1f} | {ratio} | "
+                       f"{r['ttft_median'] * 1e3:.0f} | {r['ttft_p99'] * 1e3:.0f} | {r['tpot_median'] * 1e3:.1f} | "
+                       f"{r['tpot_p99'] * 1e3:.1f} | {r['itl_median'] * 1e3:.1f} | {r['itl_p99'] * 1e3:.0f} | "
+                       + (f"{r['step_ms']:.1f} | {r['mean_batch']:.1f} | {r['prefill_share']:.2f} | " if "step_ms" in r
+                          else "- | - | - | ") + f"{r['rss_mib']:.0f} |")
+    s = data.get("soak")
+    if s:
+        k = s["by_kind"]
+        out += ["", f"Soak ({s['config']}): {s['requests']} requests at C = {s['concurrency']} in {s['wall_s']:.0f} s "
+                f"({k['ok']} to finish, {k['cancel']} closed after 3 tokens, {k['bad']} malformed): "
+                f"{s['n_failures']} failures; after it {s['running_after']:.0f} running, {s['queued_after']:.0f} "
+                f"queued; server RSS {s['rss_mib']['after_first_50']:.0f} MiB after the first 50, "
+                f"{s['rss_mib']['end']:.0f} at the end ({s['rss_growth'] * 100:+.1f}%)."]
+    return "\n".join(out) + "\n"
+
+
 def render(data: dict) -> str:
     if "benchmarks" in data:
         return render_ops(data)
-    renderers = {"e2e": render_e2e, "train": render_train}
+    renderers = {"e2e": render_e2e, "train": render_train, "serve": render_serve}
     kind = data.get("kind")
     if kind not in renderers:
         raise ValueError(f"unknown raw benchmark file: expected pytest-benchmark JSON or kind "

@@ -126,7 +126,7 @@ class Server:
 
         try:
             set_gguf_activations(self.args.gguf_activations)
-            lm = load(self.args.model, self.args.dtype, "cpu", self.args.backend, quiet=True,
+            lm = load(self.args.model, self.args.dtype, self.args.device, self.args.backend, quiet=True,
                       quantize=self.args.quantize)
             ctx = min(self.args.ctx_size, lm.config.max_position_embeddings)
             self.engine = Engine(lm, self.args.parallel, self.args.max_queue, ctx, self.args.prefill_chunk).start()
@@ -381,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="auto: a GGUF runs on its own quantized blocks, a folder in float32")
     p.add_argument("--quantize", default="none", choices=["none", "int8"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                   help="the C++ batched steps run on the CPU; other devices step through the PyTorch reference")
     p.add_argument("--backend", default="auto", choices=["auto", "extension", "reference"])
     p.add_argument("--gguf-activations", default="fp32", choices=["fp32", "int16"])
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])

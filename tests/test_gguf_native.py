@@ -78,7 +78,7 @@ def assert_linear_close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor):
 
 @needs_ext
 @pytest.mark.parametrize("kind", list(FORMATS), ids=lambda k: k.name)
-@pytest.mark.parametrize("tokens", [1, 3, 5, 6, 40])  # 1..5: the streaming kernel; more: dequantized tiles + GEMM
+@pytest.mark.parametrize("tokens", [1, 3, 5, 8, 9, 40])  # 1..8: the streaming kernel; more: dequantized tiles + GEMM
 def test_block_linear_matches_linear_on_dequantized(kind, tokens):
     elems, _ = FORMATS[kind]
     blocks = random_blocks(kind, 131, elems * 4, seed=tokens)  # odd row count
@@ -88,6 +88,26 @@ def test_block_linear_matches_linear_on_dequantized(kind, tokens):
     assert y.shape == (tokens, 131) and y.dtype == torch.float32
     assert_linear_close(y, x, w)
     assert_linear_close(reference_ops.linear(x, blocks), x, w)
+
+
+@needs_ext
+@pytest.mark.parametrize("kind", list(FORMATS), ids=lambda k: k.name)
+@pytest.mark.parametrize("mode", ["fp32", "int16"])
+def test_block_linear_rows_are_batch_invariant(kind, mode):
+    """Up to the streaming kernel's limit, each token's output is bit for bit the one it gets alone (the batched
+    decode's contract): the tokens share each block's unpacking, not their sums."""
+    if mode == "int16" and not ops.native_module().GGUF_INT16_ACTIVATIONS:
+        pytest.skip("this build has no int16 kernels (no AVX2)")
+    elems, _ = FORMATS[kind]
+    blocks = random_blocks(kind, 67, elems * 3)
+    x = torch.randn(8, blocks.shape[1] * elems, generator=torch.Generator().manual_seed(1))
+    try:
+        ops.set_gguf_activations(mode)
+        alone = torch.cat([ns.linear(x[i:i + 1], blocks) for i in range(8)])
+        for tokens in (2, 3, 4, 5, 7, 8):
+            assert torch.equal(ns.linear(x[:tokens], blocks), alone[:tokens]), tokens
+    finally:
+        ops.set_gguf_activations("fp32")
 
 
 @needs_ext

@@ -258,6 +258,24 @@ def test_linear(x_dtype, w_kind, tokens, k, n):
         assert kernel_err <= 2 * ref_err + 1e-3 * r32.abs().max().item(), (kernel_err, ref_err)
 
 
+@pytest.mark.parametrize("x_dtype", DTYPES)
+@pytest.mark.parametrize("w_kind", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("k", [640, 100, 37])
+def test_linear_decode_rows_are_batch_invariant(x_dtype, w_kind, k):
+    """Up to the decode kernel's 8 tokens, each token's output is bit for bit the one it gets alone (the batched
+    decode's contract): the tokens share each weight row's loads, not their sums. Odd k: the scalar tails too."""
+    from gemma3_fast.quantize import quantize_int8
+
+    w32 = randn(67, k, seed=1) * k ** -0.5
+    w, scales = quantize_int8(w32) if w_kind == "int8" else (w32.to(getattr(torch, w_kind)), None)
+    if x_dtype == torch.bfloat16 and w_kind == "float32":
+        w = w.to(torch.bfloat16)
+    x = randn(8, k, dtype=x_dtype, scale=3)
+    alone = torch.cat([ext.linear(x[i:i + 1], w, scales) for i in range(8)])
+    for tokens in (2, 3, 4, 5, 7, 8):
+        assert torch.equal(ext.linear(x[:tokens], w, scales), alone[:tokens]), tokens
+
+
 def test_int8_activation_quantization_is_exact():
     """The int8 decode kernel quantizes x to int16 (vec::quantize_int16: vector loop, scalar tail). Through an
     identity weight each output is one product, q[j] * scale, exact: it must equal the specification,

@@ -76,48 +76,55 @@ inline __m256i nibbles_in_order(const uint8_t* p) {
   return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m));
 }
 
+// A run's 32 int8 weights widened to fp32 once (widen32), then multiplied with each token's x (dot32): with
+// several tokens the widening is shared, and each token's arithmetic is the same as alone.
 #if defined(__AVX512F__)
 using acc_t = __m512;
+struct Widened {
+  __m512 w[2];  // weights 0-15, 16-31
+};
 inline acc_t acc_zero() { return _mm512_setzero_ps(); }
-// x[0:32] times the 32 int8 weights in q: the products of weights 0-15 summed lane-wise into lo, 16-31 into hi.
-inline void dot32(const float* x, __m256i q, acc_t& lo, acc_t& hi) {
-  lo = _mm512_mul_ps(_mm512_loadu_ps(x), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q))));
-  hi = _mm512_mul_ps(_mm512_loadu_ps(x + 16),
-                     _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1))));
+inline Widened widen32(__m256i q) {
+  return {{_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q))),
+           _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)))}};
+}
+// x[0:32] times the 32 weights: the products of weights 0-15 summed lane-wise into lo, 16-31 into hi.
+inline void dot32(const float* x, const Widened& q, acc_t& lo, acc_t& hi) {
+  lo = _mm512_mul_ps(_mm512_loadu_ps(x), q.w[0]);
+  hi = _mm512_mul_ps(_mm512_loadu_ps(x + 16), q.w[1]);
 }
 // x[0:32] . q summed lane-wise into one vector: one multiply and one FMA (the FP pipes are the limit here).
-inline acc_t dot32(const float* x, __m256i q) {
-  const acc_t lo = _mm512_mul_ps(_mm512_loadu_ps(x),
-                                 _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q))));
-  return _mm512_fmadd_ps(_mm512_loadu_ps(x + 16),
-                         _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1))), lo);
+inline acc_t dot32(const float* x, const Widened& q) {
+  return _mm512_fmadd_ps(_mm512_loadu_ps(x + 16), q.w[1], _mm512_mul_ps(_mm512_loadu_ps(x), q.w[0]));
 }
 inline acc_t acc_add(acc_t a, acc_t b) { return _mm512_add_ps(a, b); }
 inline acc_t acc_fma(acc_t p, float d, acc_t acc) { return _mm512_fmadd_ps(p, _mm512_set1_ps(d), acc); }
 inline float acc_sum(acc_t a) { return _mm512_reduce_add_ps(a); }
+constexpr int kTokenGroup = 8;
 #else
 using acc_t = __m256;
+struct Widened {
+  __m256 w[4];  // weights 0-7, 8-15, 16-23, 24-31
+};
 inline acc_t acc_zero() { return _mm256_setzero_ps(); }
-inline void dot32(const float* x, __m256i q, acc_t& lo, acc_t& hi) {
+inline Widened widen32(__m256i q) {
   const __m128i q0 = _mm256_castsi256_si128(q), q1 = _mm256_extracti128_si256(q, 1);
   auto widen = [](__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)); };
-  lo = _mm256_fmadd_ps(_mm256_loadu_ps(x + 8), widen(_mm_srli_si128(q0, 8)),
-                       _mm256_mul_ps(_mm256_loadu_ps(x), widen(q0)));
-  hi = _mm256_fmadd_ps(_mm256_loadu_ps(x + 24), widen(_mm_srli_si128(q1, 8)),
-                       _mm256_mul_ps(_mm256_loadu_ps(x + 16), widen(q1)));
+  return {{widen(q0), widen(_mm_srli_si128(q0, 8)), widen(q1), widen(_mm_srli_si128(q1, 8))}};
 }
-inline acc_t dot32(const float* x, __m256i q) {
-  const __m128i q0 = _mm256_castsi256_si128(q), q1 = _mm256_extracti128_si256(q, 1);
-  auto widen = [](__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)); };
-  const acc_t a = _mm256_fmadd_ps(_mm256_loadu_ps(x + 8), widen(_mm_srli_si128(q0, 8)),
-                                  _mm256_mul_ps(_mm256_loadu_ps(x), widen(q0)));
-  const acc_t b = _mm256_fmadd_ps(_mm256_loadu_ps(x + 24), widen(_mm_srli_si128(q1, 8)),
-                                  _mm256_mul_ps(_mm256_loadu_ps(x + 16), widen(q1)));
+inline void dot32(const float* x, const Widened& q, acc_t& lo, acc_t& hi) {
+  lo = _mm256_fmadd_ps(_mm256_loadu_ps(x + 8), q.w[1], _mm256_mul_ps(_mm256_loadu_ps(x), q.w[0]));
+  hi = _mm256_fmadd_ps(_mm256_loadu_ps(x + 24), q.w[3], _mm256_mul_ps(_mm256_loadu_ps(x + 16), q.w[2]));
+}
+inline acc_t dot32(const float* x, const Widened& q) {
+  acc_t a, b;
+  dot32(x, q, a, b);
   return _mm256_add_ps(a, b);
 }
 inline acc_t acc_add(acc_t a, acc_t b) { return _mm256_add_ps(a, b); }
 inline acc_t acc_fma(acc_t p, float d, acc_t acc) { return _mm256_fmadd_ps(p, _mm256_set1_ps(d), acc); }
 inline float acc_sum(acc_t a) { return vec::vhsum(a); }
+constexpr int kTokenGroup = 4;  // 16 vector registers
 #endif
 
 // Calls f(j, q, scale_lo, scale_hi, min) for each run j of 32 weights of `blocks` blocks of format T: q their
@@ -194,54 +201,70 @@ inline void for_each_run(const uint8_t* b, int64_t blocks, const F& f) {
   }
 }
 
-// dot(x, row) for one row of `blocks` blocks of format T; xsum[j] = sum of x over inputs [32j, 32j + 32).
-// Two accumulators, even and odd runs, so that the FMAs do not wait on each other.
-template <Type T>
-float row_dot(const float* x, const float* xsum, const uint8_t* b, int64_t blocks) {
-  acc_t acc[2] = {acc_zero(), acc_zero()};
-  float mins = 0.f;
+// out[t] = dot(x[t], row) for N tokens against one row of `blocks` blocks of format T, each run unpacked once for
+// all N; xsum[t][j] = sum of x[t] over inputs [32j, 32j + 32). Each token's sums run in the same order whatever N
+// is (N = 1 is the batch-1 decode): a token's result does not depend on the others.
+template <Type T, int N>
+void row_dot(const float* const* x, const float* const* xsum, const uint8_t* b, int64_t blocks, float* out) {
+  acc_t acc[N];
+  float mins[N];
+  for (int t = 0; t < N; ++t) {
+    acc[t] = acc_zero();
+    mins[t] = 0.f;
+  }
   for_each_run<T>(b, blocks, [&](int64_t j, __m256i q, float d_lo, float d_hi, float min) {
-    acc_t& a = acc[0];
-    if constexpr (T == Type::Q6_K) {
-      acc_t lo, hi;
-      dot32(x + 32 * j, q, lo, hi);
-      a = acc_fma(hi, d_hi, acc_fma(lo, d_lo, a));
-    } else {
-      a = acc_fma(dot32(x + 32 * j, q), d_lo, a);
+    const Widened w = widen32(q);
+    for (int t = 0; t < N; ++t) {
+      if constexpr (T == Type::Q6_K) {
+        acc_t lo, hi;
+        dot32(x[t] + 32 * j, w, lo, hi);
+        acc[t] = acc_fma(hi, d_hi, acc_fma(lo, d_lo, acc[t]));
+      } else {
+        acc[t] = acc_fma(dot32(x[t] + 32 * j, w), d_lo, acc[t]);
+      }
+      if constexpr (has_mins(T)) mins[t] += min * xsum[t][j];
     }
-    if constexpr (has_mins(T)) mins += min * xsum[j];
   });
-  return acc_sum(acc_add(acc[0], acc[1])) - mins;
+  for (int t = 0; t < N; ++t) out[t] = acc_sum(acc[t]) - mins[t];
 }
 
 // The fast mode's dot: x quantized to int16 (xq, one scale per token, applied by the caller), each run's 32
 // weights widened to int16 and multiplied with it in int32 lanes (2 products per lane: no overflow), the run's
 // scale applied to the lanes in fp32. About half the vector work of row_dot per run. The mins' term stays exact
-// (fp32 sums of x), scaled down here to the int16 units of the rest.
-template <Type T>
-float row_dot_i16(const int16_t* xq, const float* xsum, float inv_scale, const uint8_t* b, int64_t blocks) {
-  acc_t acc = acc_zero();
-  float mins = 0.f;
+// (fp32 sums of x), scaled down here to the int16 units of the rest. N tokens at once, as row_dot.
+template <Type T, int N>
+void row_dot_i16(const int16_t* const* xq, const float* const* xsum, const float* inv_scale, const uint8_t* b,
+                 int64_t blocks, float* out) {
+  acc_t acc[N];
+  float mins[N];
+  for (int t = 0; t < N; ++t) {
+    acc[t] = acc_zero();
+    mins[t] = 0.f;
+  }
   for_each_run<T>(b, blocks, [&](int64_t j, __m256i q, float d_lo, float d_hi, float min) {
 #if defined(__AVX512F__) && defined(__AVX512BW__)
     const __m512i w = _mm512_cvtepi8_epi16(q);
-    const __m512i xv = _mm512_loadu_si512(xq + 32 * j);
-    const __m512 p = _mm512_cvtepi32_ps(_mm512_madd_epi16(xv, w));  // lanes 0-7: weights 0-15, 8-15: 16-31
     const __m512 d = T == Type::Q6_K ? _mm512_insertf32x8(_mm512_set1_ps(d_lo), _mm256_set1_ps(d_hi), 1)
                                      : _mm512_set1_ps(d_lo);
-    acc = _mm512_fmadd_ps(p, d, acc);
+    for (int t = 0; t < N; ++t) {
+      const __m512 p = _mm512_cvtepi32_ps(_mm512_madd_epi16(_mm512_loadu_si512(xq[t] + 32 * j), w));  // lanes
+      acc[t] = _mm512_fmadd_ps(p, d, acc[t]);  // 0-7: weights 0-15, 8-15: 16-31
+      if constexpr (has_mins(T)) mins[t] += min * xsum[t][j];
+    }
 #else
     const __m256i w0 = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(q));
     const __m256i w1 = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(q, 1));
-    const __m256i* x = reinterpret_cast<const __m256i*>(xq + 32 * j);
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_loadu_si256(x), w0)), _mm256_set1_ps(d_lo),
-                          acc);
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_loadu_si256(x + 1), w1)),
-                          _mm256_set1_ps(d_hi), acc);
+    for (int t = 0; t < N; ++t) {
+      const __m256i* x = reinterpret_cast<const __m256i*>(xq[t] + 32 * j);
+      acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_loadu_si256(x), w0)),
+                               _mm256_set1_ps(d_lo), acc[t]);
+      acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_loadu_si256(x + 1), w1)),
+                               _mm256_set1_ps(d_hi), acc[t]);
+      if constexpr (has_mins(T)) mins[t] += min * xsum[t][j];
+    }
 #endif
-    if constexpr (has_mins(T)) mins += min * xsum[j];
   });
-  return acc_sum(acc) - mins * inv_scale;
+  for (int t = 0; t < N; ++t) out[t] = acc_sum(acc[t]) - mins[t] * inv_scale[t];
 }
 constexpr bool kHasInt16Path = true;
 
@@ -263,22 +286,26 @@ void dequantize_row(const uint8_t* b, int64_t blocks, float* out) {
   });
 }
 #else
-// Plain loops on the reference decoding: the compiler vectorizes the 32-weight products.
-template <Type T>
-float row_dot(const float* x, const float* xsum, const uint8_t* b, int64_t blocks) {
+// Plain loops on the reference decoding: the compiler vectorizes the 32-weight products. Each block is decoded
+// once for the N tokens.
+template <Type T, int N>
+void row_dot(const float* const* x, const float* const* xsum, const uint8_t* b, int64_t blocks, float* out) {
   const Format& f = gguf::format_for(T);
   gguf::Decoded dec;
-  float total = 0.f;
-  for (int64_t i = 0; i < blocks; ++i, b += f.block_bytes, x += f.block_elems, xsum += f.block_elems / 32) {
+  float total[N] = {};
+  for (int64_t i = 0; i < blocks; ++i, b += f.block_bytes) {
     gguf::decode_block(T, b, dec);
-    for (int64_t g = 0; g < f.block_elems / dec.group; ++g) {
-      float s = 0.f;
-      for (int l = 0; l < dec.group; ++l) s += x[g * dec.group + l] * static_cast<float>(dec.q[g * dec.group + l]);
-      total += dec.scale[g] * s;
+    for (int t = 0; t < N; ++t) {
+      const float* xb = x[t] + i * f.block_elems;
+      for (int64_t g = 0; g < f.block_elems / dec.group; ++g) {
+        float s = 0.f;
+        for (int l = 0; l < dec.group; ++l) s += xb[g * dec.group + l] * static_cast<float>(dec.q[g * dec.group + l]);
+        total[t] += dec.scale[g] * s;
+      }
+      for (int64_t j = 0; j < f.block_elems / 32; ++j) total[t] -= dec.min[j] * xsum[t][i * (f.block_elems / 32) + j];
     }
-    for (int64_t j = 0; j < f.block_elems / 32; ++j) total -= dec.min[j] * xsum[j];
   }
-  return total;
+  for (int t = 0; t < N; ++t) out[t] = total[t];
 }
 
 template <Type T>
@@ -286,26 +313,41 @@ void dequantize_row(const uint8_t* b, int64_t blocks, float* out) {
   gguf::dequantize_blocks(gguf::format_for(T), b, blocks, out);
 }
 
-template <Type T>
-float row_dot_i16(const int16_t*, const float*, float, const uint8_t*, int64_t) {
-  return 0.f;  // not reached: without AVX2 the fast mode runs the exact path (kHasInt16Path)
+template <Type T, int N>
+void row_dot_i16(const int16_t* const*, const float* const*, const float*, const uint8_t*, int64_t, float*) {
+  // not reached: without AVX2 the fast mode is refused (kHasInt16Path)
 }
 constexpr bool kHasInt16Path = false;
+constexpr int kTokenGroup = 4;
 #endif
 
-using RowDot = float (*)(const float*, const float*, const uint8_t*, int64_t);
 using DequantizeRow = void (*)(const uint8_t*, int64_t, float*);
-using RowDotI16 = float (*)(const int16_t*, const float*, float, const uint8_t*, int64_t);
 
+// f(std::integral_constant<int, g>{}) for a group of 1 <= g <= kTokenGroup tokens.
+template <typename F>
+void with_group(int64_t g, const F& f) {
+  switch (g) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+#if defined(GEMMA3_AVX2) && defined(__AVX512F__)
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    case 6: return f(std::integral_constant<int, 6>{});
+    case 7: return f(std::integral_constant<int, 7>{});
+    default: return f(std::integral_constant<int, 8>{});
+#else
+    default: return f(std::integral_constant<int, 4>{});
+#endif
+  }
+}
 
 std::atomic<bool> g_int16_activations{false};
 
-
-
-// Up to here one pass over the blocks per token; beyond, dequantized tiles and the fp32 matmul. The default model's
-// prefill on the 2-core EPYC (AVX-512 build): per-token passes cost 13 ms + 4.5 ms per token past the first
-// (45.6 ms at 8 tokens); tiles ~35 ms at 6-9 tokens (36.8 at 9), about even at 6.
-constexpr int64_t kMaxGemvTokens = 5;
+// Up to here one pass over the blocks for all tokens; beyond, dequantized tiles and the fp32 matmul. The default
+// model's prefill on the 2-core EPYC (AVX-512 build), with a pass per token: 13 ms + 4.5 ms per token past the
+// first; tiles ~35 ms at 6-9 tokens. One pass for the group shares each run's unpacking and widening.
+constexpr int64_t kMaxGemvTokens = 8;
 
 // Rows [r0, r1) of w dequantized into out [r1 - r0, k].
 void dequantize_rows(const Format& f, const uint8_t* w, int64_t row_bytes, int64_t r0, int64_t r1, float* out,
@@ -360,8 +402,6 @@ at::Tensor block_linear(const at::Tensor& x_in, const at::Tensor& weight, Argmax
     }
   at::Tensor out = at::empty(out_shape, x.options());
   float* op = out.data_ptr<float>();
-  const RowDot dot = with_type(f.type, [](auto t) -> RowDot { return row_dot<decltype(t)::value>; });
-  const RowDotI16 dot_i16 = with_type(f.type, [](auto t) -> RowDotI16 { return row_dot_i16<decltype(t)::value>; });
   const bool int16_x = kHasInt16Path && g_int16_activations.load(std::memory_order_relaxed);
   std::vector<int16_t> xq(int16_x ? tokens * k : 0);
   std::vector<float> x_scale(int16_x ? tokens : 0), x_inv_scale(int16_x ? tokens : 0);
@@ -369,16 +409,38 @@ at::Tensor block_linear(const at::Tensor& x_in, const at::Tensor& weight, Argmax
     x_scale[t] = vec::quantize_int16(xp + t * k, k, xq.data() + t * k);
     x_inv_scale[t] = 1.f / x_scale[t];
   }
-  at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const uint8_t* row = w + r * row_bytes;
-      for (int64_t t = 0; t < tokens; ++t) {
-        const float* xs = xsum.data() + t * (k / 32);
-        op[t * n + r] = int16_x ? dot_i16(xq.data() + t * k, xs, x_inv_scale[t], row, blocks) * x_scale[t]
-                                : dot(xp + t * k, xs, row, blocks);
+  // Per group of tokens: their x, x sums, int16 x and scales, and one pass over each row for all of them.
+  with_type(f.type, [&](auto type) {
+    constexpr Type T = decltype(type)::value;
+    at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
+      for (int64_t t0 = 0; t0 < tokens; t0 += kTokenGroup) {
+        const int64_t g = std::min<int64_t>(kTokenGroup, tokens - t0);
+        const float* xs[kTokenGroup];
+        const float* sums[kTokenGroup];
+        const int16_t* qs[kTokenGroup];
+        for (int64_t t = 0; t < g; ++t) {
+          xs[t] = xp + (t0 + t) * k;
+          sums[t] = xsum.data() + (t0 + t) * (k / 32);
+          qs[t] = int16_x ? xq.data() + (t0 + t) * k : nullptr;
+        }
+        float res[kTokenGroup];
+        auto rows = [&](auto n_tag) {
+          constexpr int G = decltype(n_tag)::value;
+          for (int64_t r = r0; r < r1; ++r) {
+            const uint8_t* row = w + r * row_bytes;
+            if (int16_x) {
+              row_dot_i16<T, G>(qs, sums, x_inv_scale.data() + t0, row, blocks, res);
+              for (int t = 0; t < G; ++t) res[t] *= x_scale[t0 + t];
+            } else {
+              row_dot<T, G>(xs, sums, row, blocks, res);
+            }
+            for (int t = 0; t < G; ++t) op[(t0 + t) * n + r] = res[t];
+          }
+        };
+        with_group(g, rows);
       }
-    }
-    if (argmax != nullptr) argmax->add(range_argmax(op, r0, r1));
+      if (argmax != nullptr) argmax->add(range_argmax(op, r0, r1));
+    });
   });
   return x_in.scalar_type() == at::kFloat ? out : out.to(x_in.scalar_type());
 }

@@ -38,78 +38,90 @@ struct PreparedX {
   float q_scale = 0.f;               // ... with x ~= q * q_scale
 };
 
-// Scalar tail and fallback: dot(x[i0:k], w[i0:k]) in fp32.
+// A token's result from its vector sum: sum * scale + dot(x[i0:k], w[i0:k]), the scalar tail (and the whole dot
+// without SIMD), in fp32. The tail is not inlined: inlined into dot_tokens<8>, the compiler vectorized the 8
+// tokens' tails together and fused the multiply and add differently than for one token's (batch-invariance).
 template <typename TW>
-inline float dot_tail(const float* x, const TW* w, int64_t i0, int64_t k) {
+__attribute__((noinline)) float dot_tail(float sum, float scale, const float* x, const TW* w, int64_t i0,
+                                         int64_t k) {
   float s = 0.f;
   for (int64_t i = i0; i < k; ++i) s += x[i] * to_f32_w(w[i]);
-  return s;
+  return sum * scale + s;
 }
 
-// R rows at once, taken from R far-apart parts of this thread's row range: each part is read as its own
-// sequential stream (rows next to each other, interleaved, are worse than one stream: the prefetcher loses
-// them). kStreams below picks R. On the 2-core EPYC, whole decode steps, one process, steps alternating:
-// with fixed chunks (8 per thread) two streams per chunk beat one; with the guided chunks of linear_cpu, one
-// stream per chunk is best: bf16 1.026x (~32 GB/s) and 1.099x (~54 GB/s) over two, fp32 1.032x and 1.070x,
-// int8 1.028x and 1.0x; four streams were no better than two. out[j] = dot(x, w[j]), fp32 sums.
+template <typename TW>
+inline float finish_dot(float sum, float scale, const float* x, const TW* w, int64_t i0, int64_t k) {
+  return i0 < k ? dot_tail(sum, scale, x, w, i0, k) : sum * scale;  // no call per row and token without a tail
+}
+
+// R tokens against one weight row at once, out[j] = dot(x[j], w) in fp32: the row is loaded (and widened) once
+// for all R, and each token has its own accumulators, updated in the same order whatever R is, so a token's
+// result does not depend on the others (batch-invariance: R = 1 is the batch-1 decode). Several rows read side
+// by side as separate streams for one token were measured before (2-core EPYC, guided chunks): one stream per
+// chunk was best, by 1.03-1.10x.
 template <int R>
-inline void dot_rows(const float* x, const PreparedX&, const float* const* w, int64_t k, float* out) {
+inline void dot_tokens(const float* const* x, const PreparedX* const*, const float* w, int64_t k,
+                       float* out) {
   int64_t i = 0;
-  for (int j = 0; j < R; ++j) out[j] = 0.f;
+  float sum[R] = {};
 #if defined(__AVX512F__)
   __m512 a[R];
   for (int j = 0; j < R; ++j) a[j] = _mm512_setzero_ps();
   for (; i + 16 <= k; i += 16) {
-    const __m512 xv = _mm512_loadu_ps(x + i);
-    for (int j = 0; j < R; ++j) a[j] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w[j] + i), a[j]);
+    const __m512 wv = _mm512_loadu_ps(w + i);
+    for (int j = 0; j < R; ++j) a[j] = _mm512_fmadd_ps(_mm512_loadu_ps(x[j] + i), wv, a[j]);
   }
-  for (int j = 0; j < R; ++j) out[j] = _mm512_reduce_add_ps(a[j]);
+  for (int j = 0; j < R; ++j) sum[j] = _mm512_reduce_add_ps(a[j]);
 #elif defined(GEMMA3_AVX2)
   __m256 a[R];
   for (int j = 0; j < R; ++j) a[j] = _mm256_setzero_ps();
   for (; i + 8 <= k; i += 8) {
-    const __m256 xv = _mm256_loadu_ps(x + i);
-    for (int j = 0; j < R; ++j) a[j] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w[j] + i), a[j]);
+    const __m256 wv = _mm256_loadu_ps(w + i);
+    for (int j = 0; j < R; ++j) a[j] = _mm256_fmadd_ps(_mm256_loadu_ps(x[j] + i), wv, a[j]);
   }
-  for (int j = 0; j < R; ++j) out[j] = vec::vhsum(a[j]);
+  for (int j = 0; j < R; ++j) sum[j] = vec::vhsum(a[j]);
 #elif defined(GEMMA3_NEON)
   float32x4_t a[R], b[R];  // two accumulators per row: one would wait on the FMA latency
   for (int j = 0; j < R; ++j) a[j] = b[j] = vdupq_n_f32(0.f);
   for (; i + 8 <= k; i += 8) {
-    const float32x4_t x0 = vld1q_f32(x + i), x1 = vld1q_f32(x + i + 4);
+    const float32x4_t w0 = vld1q_f32(w + i), w1 = vld1q_f32(w + i + 4);
     for (int j = 0; j < R; ++j) {
-      a[j] = vfmaq_f32(a[j], x0, vld1q_f32(w[j] + i));
-      b[j] = vfmaq_f32(b[j], x1, vld1q_f32(w[j] + i + 4));
+      a[j] = vfmaq_f32(a[j], vld1q_f32(x[j] + i), w0);
+      b[j] = vfmaq_f32(b[j], vld1q_f32(x[j] + i + 4), w1);
     }
   }
-  for (int j = 0; j < R; ++j) out[j] = vaddvq_f32(vaddq_f32(a[j], b[j]));
+  for (int j = 0; j < R; ++j) sum[j] = vaddvq_f32(vaddq_f32(a[j], b[j]));
 #endif
-  for (int j = 0; j < R; ++j) out[j] += dot_tail(x, w[j], i, k);
+  for (int j = 0; j < R; ++j) out[j] = finish_dot(sum[j], 1.f, x[j], w, i, k);
 }
 
 template <int R>
-inline void dot_rows(const float* x, const PreparedX& px, const vec::bf16* const* w, int64_t k, float* out) {
+inline void dot_tokens(const float* const* x, const PreparedX* const* px, const vec::bf16* w, int64_t k,
+                       float* out) {
   int64_t i = 0;
-  for (int j = 0; j < R; ++j) out[j] = 0.f;
+  float sum[R] = {};
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
   // bf16 x and bf16 W: vdpbf16ps multiplies 32 pairs into fp32 sums in one instruction (exact products).
   // Two accumulators per row, as for int8: one waited on vdpbf16ps's latency.
-  if (px.bf16_row != nullptr) {
+  if (px[0]->bf16_row != nullptr) {  // the pairs' x all have one dtype
     __m512 a[R], b[R];
     for (int j = 0; j < R; ++j) a[j] = b[j] = _mm512_setzero_ps();
     auto load = [](const vec::bf16* p) { return (__m512bh)_mm512_loadu_si512(p); };
+    const vec::bf16* xb[R];
+    for (int j = 0; j < R; ++j) xb[j] = px[j]->bf16_row;
     for (; i + 64 <= k; i += 64) {
-      const __m512bh x0 = load(px.bf16_row + i), x1 = load(px.bf16_row + i + 32);
+      const __m512bh w0 = load(w + i), w1 = load(w + i + 32);
       for (int j = 0; j < R; ++j) {
-        a[j] = _mm512_dpbf16_ps(a[j], x0, load(w[j] + i));
-        b[j] = _mm512_dpbf16_ps(b[j], x1, load(w[j] + i + 32));
+        a[j] = _mm512_dpbf16_ps(a[j], load(xb[j] + i), w0);
+        b[j] = _mm512_dpbf16_ps(b[j], load(xb[j] + i + 32), w1);
       }
     }
     for (; i + 32 <= k; i += 32) {
-      const __m512bh xv = load(px.bf16_row + i);
-      for (int j = 0; j < R; ++j) a[j] = _mm512_dpbf16_ps(a[j], xv, load(w[j] + i));
+      const __m512bh w0 = load(w + i);
+      for (int j = 0; j < R; ++j) a[j] = _mm512_dpbf16_ps(a[j], load(xb[j] + i), w0);
     }
-    for (int j = 0; j < R; ++j) out[j] = _mm512_reduce_add_ps(_mm512_add_ps(a[j], b[j])) + dot_tail(x, w[j], i, k);
+    for (int j = 0; j < R; ++j)
+      out[j] = finish_dot(_mm512_reduce_add_ps(_mm512_add_ps(a[j], b[j])), 1.f, x[j], w, i, k);
     return;
   }
 #endif
@@ -117,40 +129,45 @@ inline void dot_rows(const float* x, const PreparedX& px, const vec::bf16* const
   // A bf16 is the top half of an fp32: the even elements of 16 weights are (v << 16), the odd ones (v & hi);
   // x was deinterleaved to match (8 even, then 8 odd inputs per 16).
   const __m256i hi = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
-  const float* xd = px.deinterleaved.data();
   __m256 a[R];
   for (int j = 0; j < R; ++j) a[j] = _mm256_setzero_ps();
+  const float* xd[R];
+  for (int j = 0; j < R; ++j) xd[j] = px[j]->deinterleaved.data();
   for (; i + 16 <= k; i += 16) {
-    const __m256 x_even = _mm256_loadu_ps(xd + i), x_odd = _mm256_loadu_ps(xd + i + 8);
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i));
+    const __m256 w_even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+    const __m256 w_odd = _mm256_castsi256_ps(_mm256_and_si256(v, hi));
     for (int j = 0; j < R; ++j) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[j] + i));
-      a[j] = _mm256_fmadd_ps(x_even, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), a[j]);
-      a[j] = _mm256_fmadd_ps(x_odd, _mm256_castsi256_ps(_mm256_and_si256(v, hi)), a[j]);
+      a[j] = _mm256_fmadd_ps(_mm256_loadu_ps(xd[j] + i), w_even, a[j]);
+      a[j] = _mm256_fmadd_ps(_mm256_loadu_ps(xd[j] + i + 8), w_odd, a[j]);
     }
   }
-  for (int j = 0; j < R; ++j) out[j] = vec::vhsum(a[j]);
+  for (int j = 0; j < R; ++j) sum[j] = vec::vhsum(a[j]);
 #elif defined(GEMMA3_NEON)
   // 8 bf16 weights widen to two fp32 vectors in order (ushll / ushll2 by 16): no deinterleaved x needed.
   float32x4_t a[R], b[R];
   for (int j = 0; j < R; ++j) a[j] = b[j] = vdupq_n_f32(0.f);
   for (; i + 8 <= k; i += 8) {
-    const float32x4_t x0 = vld1q_f32(x + i), x1 = vld1q_f32(x + i + 4);
+    const uint16x8_t v = vld1q_u16(reinterpret_cast<const uint16_t*>(w + i));
+    const float32x4_t w0 = vreinterpretq_f32_u32(vshll_n_u16(vget_low_u16(v), 16));
+    const float32x4_t w1 = vreinterpretq_f32_u32(vshll_high_n_u16(v, 16));
     for (int j = 0; j < R; ++j) {
-      const uint16x8_t v = vld1q_u16(reinterpret_cast<const uint16_t*>(w[j] + i));
-      a[j] = vfmaq_f32(a[j], x0, vreinterpretq_f32_u32(vshll_n_u16(vget_low_u16(v), 16)));
-      b[j] = vfmaq_f32(b[j], x1, vreinterpretq_f32_u32(vshll_high_n_u16(v, 16)));
+      a[j] = vfmaq_f32(a[j], vld1q_f32(x[j] + i), w0);
+      b[j] = vfmaq_f32(b[j], vld1q_f32(x[j] + i + 4), w1);
     }
   }
-  for (int j = 0; j < R; ++j) out[j] = vaddvq_f32(vaddq_f32(a[j], b[j]));
+  for (int j = 0; j < R; ++j) sum[j] = vaddvq_f32(vaddq_f32(a[j], b[j]));
 #endif
-  for (int j = 0; j < R; ++j) out[j] += dot_tail(x, w[j], i, k);
+  for (int j = 0; j < R; ++j) out[j] = finish_dot(sum[j], 1.f, x[j], w, i, k);
 }
 
 template <int R>
-inline void dot_rows(const float* x, const PreparedX& px, const int8_t* const* w, int64_t k, float* out) {
+inline void dot_tokens(const float* const* x, const PreparedX* const* px, const int8_t* w, int64_t k,
+                       float* out) {
   int64_t i = 0;
-  for (int j = 0; j < R; ++j) out[j] = 0.f;
-  const int16_t* xq = px.q.data();
+  float sum[R] = {};
+  const int16_t* xq[R];
+  for (int j = 0; j < R; ++j) xq[j] = px[j]->q.data();
   // int16 x times int8 w summed in int32 lanes: each lane adds at most 2 * 32767 * 127 per step, so the int32
   // sums are moved to fp32 every kFlush weights, long before they could overflow.
   constexpr int64_t kFlush = 4096;
@@ -168,47 +185,47 @@ inline void dot_rows(const float* x, const PreparedX& px, const int8_t* const* w
     for (int j = 0; j < R; ++j) a[j] = b[j] = _mm512_setzero_si512();
     const int64_t stop = std::min(k, i + kFlush);
     for (; i + 64 <= stop; i += 64) {
-      const __m512i x0 = _mm512_loadu_si512(xq + i), x1 = _mm512_loadu_si512(xq + i + 32);
+      const __m512i w0 = widen(w + i), w1 = widen(w + i + 32);
       for (int j = 0; j < R; ++j) {
-        a[j] = _mm512_dpwssd_epi32(a[j], x0, widen(w[j] + i));
-        b[j] = _mm512_dpwssd_epi32(b[j], x1, widen(w[j] + i + 32));
+        a[j] = _mm512_dpwssd_epi32(a[j], _mm512_loadu_si512(xq[j] + i), w0);
+        b[j] = _mm512_dpwssd_epi32(b[j], _mm512_loadu_si512(xq[j] + i + 32), w1);
       }
     }
     for (; i + 32 <= stop; i += 32) {
-      const __m512i xv = _mm512_loadu_si512(xq + i);
-      for (int j = 0; j < R; ++j) a[j] = _mm512_dpwssd_epi32(a[j], xv, widen(w[j] + i));
+      const __m512i w0 = widen(w + i);
+      for (int j = 0; j < R; ++j) a[j] = _mm512_dpwssd_epi32(a[j], _mm512_loadu_si512(xq[j] + i), w0);
     }
     for (int j = 0; j < R; ++j) f[j] = _mm512_add_ps(f[j], _mm512_cvtepi32_ps(_mm512_add_epi32(a[j], b[j])));
   }
-  for (int j = 0; j < R; ++j) out[j] = _mm512_reduce_add_ps(f[j]) * px.q_scale;
+  for (int j = 0; j < R; ++j) sum[j] = _mm512_reduce_add_ps(f[j]);
 #elif defined(GEMMA3_AVX2)
   __m256 f[R];
   for (int j = 0; j < R; ++j) f[j] = _mm256_setzero_ps();
   // 32 weights per step into two accumulators (16 per step into one ran at ~25 GB/s from L2 on the 2-core EPYC's
   // x86-64-v3 build, and its speed moved by 25% with the loop's placement in the binary). Each lane still adds
   // at most 2 products per 16 weights, so the kFlush bound holds for a + b.
-  auto madd = [](__m256i xv, const int8_t* p) {
-    return _mm256_madd_epi16(xv, _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  auto widen = [](const int8_t* p) {
+    return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   };
   while (i + 16 <= k) {
     __m256i a[R], b[R];
     for (int j = 0; j < R; ++j) a[j] = b[j] = _mm256_setzero_si256();
     const int64_t stop = std::min(k, i + kFlush);
+    auto xv = [&](int j, int64_t at) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq[j] + at)); };
     for (; i + 32 <= stop; i += 32) {
-      const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + i));
-      const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + i + 16));
+      const __m256i w0 = widen(w + i), w1 = widen(w + i + 16);
       for (int j = 0; j < R; ++j) {
-        a[j] = _mm256_add_epi32(a[j], madd(x0, w[j] + i));
-        b[j] = _mm256_add_epi32(b[j], madd(x1, w[j] + i + 16));
+        a[j] = _mm256_add_epi32(a[j], _mm256_madd_epi16(xv(j, i), w0));
+        b[j] = _mm256_add_epi32(b[j], _mm256_madd_epi16(xv(j, i + 16), w1));
       }
     }
     for (; i + 16 <= stop; i += 16) {
-      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + i));
-      for (int j = 0; j < R; ++j) a[j] = _mm256_add_epi32(a[j], madd(xv, w[j] + i));
+      const __m256i w0 = widen(w + i);
+      for (int j = 0; j < R; ++j) a[j] = _mm256_add_epi32(a[j], _mm256_madd_epi16(xv(j, i), w0));
     }
     for (int j = 0; j < R; ++j) f[j] = _mm256_add_ps(f[j], _mm256_cvtepi32_ps(_mm256_add_epi32(a[j], b[j])));
   }
-  for (int j = 0; j < R; ++j) out[j] = vec::vhsum(f[j]) * px.q_scale;
+  for (int j = 0; j < R; ++j) sum[j] = vec::vhsum(f[j]);
 #elif defined(GEMMA3_NEON)
   // smlal / smlal2: int16 x times int8 w (widened to int16) into int32 lanes, one product per lane per 8
   // weights in each of a and b, as the AVX2 madd path adds two per lane per 16: the same kFlush bound holds.
@@ -218,18 +235,18 @@ inline void dot_rows(const float* x, const PreparedX& px, const int8_t* const* w
     int32x4_t a[R], b[R];
     for (int j = 0; j < R; ++j) a[j] = b[j] = vdupq_n_s32(0);
     for (const int64_t stop = std::min(k, i + kFlush); i + 8 <= stop; i += 8) {
-      const int16x8_t xv = vld1q_s16(xq + i);
+      const int16x8_t wv = vmovl_s8(vld1_s8(w + i));
       for (int j = 0; j < R; ++j) {
-        const int16x8_t wv = vmovl_s8(vld1_s8(w[j] + i));
+        const int16x8_t xv = vld1q_s16(xq[j] + i);
         a[j] = vmlal_s16(a[j], vget_low_s16(xv), vget_low_s16(wv));
         b[j] = vmlal_high_s16(b[j], xv, wv);
       }
     }
     for (int j = 0; j < R; ++j) f[j] = vaddq_f32(f[j], vaddq_f32(vcvtq_f32_s32(a[j]), vcvtq_f32_s32(b[j])));
   }
-  for (int j = 0; j < R; ++j) out[j] = vaddvq_f32(f[j]) * px.q_scale;
+  for (int j = 0; j < R; ++j) sum[j] = vaddvq_f32(f[j]);
 #endif
-  for (int j = 0; j < R; ++j) out[j] += dot_tail(x, w[j], i, k);
+  for (int j = 0; j < R; ++j) out[j] = finish_dot(sum[j], px[j]->q_scale, x[j], w, i, k);
 }
 
 PreparedX prepare(const float* x, const vec::bf16* x_bf16, int64_t k, at::ScalarType wt) {
@@ -260,32 +277,74 @@ PreparedX prepare(const float* x, const vec::bf16* x_bf16, int64_t k, at::Scalar
   return px;
 }
 
-// out[t][r] = scale[r] * dot(x[t], W[r]) for rows [r0, r1); x stays in L1 while W streams past. The range
-// is cut into kStreams parts that are read side by side (see dot_rows).
-constexpr int kStreams = 1;
+// out[t][r] = scale[r] * dot(x[t], W[r]) for rows [r0, r1); x stays in L1 while W streams past. Each row is read
+// once for all tokens, taken kTokenGroup at a time (dot_rows' accumulators must fit the vector registers).
+#if defined(__AVX512F__)
+constexpr int64_t kTokenGroup = 8;
+#else
+constexpr int64_t kTokenGroup = 4;  // 16 vector registers (AVX2, NEON's 32 of half the width)
+#endif
 
-template <int R, typename TW, typename TO>
-inline void rows_at(const float* x, const std::vector<PreparedX>& px, int64_t tokens, const TW* w,
-                    const float* scales, TO* out, int64_t n, int64_t k, int64_t r, int64_t stride) {
-  const TW* rows[R];
-  for (int j = 0; j < R; ++j) rows[j] = w + (r + j * stride) * k;
-  for (int64_t t = 0; t < tokens; ++t) {
-    float s[R];
-    dot_rows<R>(x + t * k, px[t], rows, k, s);
-    for (int j = 0; j < R; ++j) {
-      const int64_t row = r + j * stride;
-      out[t * n + row] = vec::from_f32<TO>(scales ? s[j] * scales[row] : s[j]);
-    }
+template <int T, typename TW, typename TO>
+inline void row_tokens(const float* x, const std::vector<PreparedX>& px, int64_t t0, const TW* row,
+                       const float* scales, TO* out, int64_t n, int64_t k, int64_t r) {
+  const float* xs[T];
+  const PreparedX* ps[T];
+  for (int j = 0; j < T; ++j) {
+    xs[j] = x + (t0 + j) * k;
+    ps[j] = &px[t0 + j];
   }
+  float s[T];
+  dot_tokens<T>(xs, ps, row, k, s);
+  for (int j = 0; j < T; ++j) out[(t0 + j) * n + r] = vec::from_f32<TO>(scales ? s[j] * scales[r] : s[j]);
 }
 
 template <typename TW, typename TO>
 void gemv_rows(const float* x, const std::vector<PreparedX>& px, int64_t tokens, const TW* w, const float* scales,
                TO* out, int64_t n, int64_t k, int64_t r0, int64_t r1) {
-  const int64_t part = (r1 - r0) / kStreams;
-  for (int64_t r = r0; r < r0 + part; ++r) rows_at<kStreams>(x, px, tokens, w, scales, out, n, k, r, part);
-  if constexpr (kStreams > 1)
-    for (int64_t r = r0 + kStreams * part; r < r1; ++r) rows_at<1>(x, px, tokens, w, scales, out, n, k, r, 0);
+  for (int64_t r = r0; r < r1; ++r) {
+    const TW* row = w + r * k;
+#if defined(__x86_64__) || defined(__i386__)
+    if (tokens > 1)  // the row after next, ahead of need: with several tokens the row's compute is long
+      for (int64_t b = 0; b < k * static_cast<int64_t>(sizeof(TW)); b += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(row + 2 * k) + b, _MM_HINT_T0);
+#endif
+    for (int64_t t = 0; t < tokens; t += kTokenGroup) {
+      switch (std::min(kTokenGroup, tokens - t)) {
+        case 1: row_tokens<1>(x, px, t, row, scales, out, n, k, r); break;
+        case 2: row_tokens<2>(x, px, t, row, scales, out, n, k, r); break;
+        case 3: row_tokens<3>(x, px, t, row, scales, out, n, k, r); break;
+        case 4: row_tokens<4>(x, px, t, row, scales, out, n, k, r); break;
+#if defined(__AVX512F__)
+        case 5: row_tokens<5>(x, px, t, row, scales, out, n, k, r); break;
+        case 6: row_tokens<6>(x, px, t, row, scales, out, n, k, r); break;
+        case 7: row_tokens<7>(x, px, t, row, scales, out, n, k, r); break;
+        default: row_tokens<8>(x, px, t, row, scales, out, n, k, r); break;
+#else
+        default: break;
+#endif
+      }
+    }
+  }
+}
+
+}  // namespace
+
+namespace {
+
+// oneDNN keeps state for every distinct matmul shape it has run, about 3 MB each, never freed: a server
+// prefilling prompts of every length grew by that per new length (RSS +260 MB over 80 lengths, flat with MKL).
+// Rows are padded with zeros to a multiple of kRowBucket, which bounds the shapes; each output row is still its
+// own x row times W. Costs at most kRowBucket - 1 rows of work, a few % at prompt lengths.
+constexpr int64_t kRowBucket = 32;
+
+template <typename F>
+at::Tensor with_padded_rows(const at::Tensor& x2, const F& matmul) {
+  const int64_t m = x2.size(0), padded = (m + kRowBucket - 1) / kRowBucket * kRowBucket;
+  if (padded == m) return matmul(x2);
+  at::Tensor xp = at::zeros({padded, x2.size(1)}, x2.options());
+  xp.narrow(0, 0, m).copy_(x2);
+  return matmul(xp).narrow(0, 0, m);
 }
 
 }  // namespace
@@ -306,7 +365,9 @@ at::Tensor matmul_fp32(const at::Tensor& x, const at::Tensor& w) {
   const at::Tensor x2 = x.reshape({-1, x.size(-1)});
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = w.size(0);
-  return onednn->call(x2, w, std::nullopt, "none", c10::List<std::optional<c10::Scalar>>(), std::nullopt).view(shape);
+  return with_padded_rows(x2, [&](const at::Tensor& xp) {
+           return onednn->call(xp, w, std::nullopt, "none", c10::List<std::optional<c10::Scalar>>(), std::nullopt);
+         }).reshape(shape);
 }
 
 namespace {
@@ -406,9 +467,14 @@ at::Tensor linear_impl(const at::Tensor& x, const at::Tensor& weight, const std:
     const bool bf16_matmul = native_bf16 && x.scalar_type() == at::kBFloat16;
     at::Tensor w = weight;
     if (scales.has_value()) w = weight.to(at::kFloat).mul_(scales->unsqueeze(1));
-    if (bf16_matmul) return at::matmul(x, w.to(at::kBFloat16).t());
+    auto bf16_mm = [&](const at::Tensor& xb) {  // oneDNN's bf16 matmul: rows padded as in matmul_fp32
+      const at::Tensor wb = w.to(at::kBFloat16);
+      return with_padded_rows(xb.reshape({-1, k}), [&](const at::Tensor& xp) { return at::matmul(xp, wb.t()); })
+          .reshape(out_shape);
+    };
+    if (bf16_matmul) return bf16_mm(x);
     if (native_bf16 && fp32_matmul_in_bf16())  // the user's opt-in: see fp32_matmul_in_bf16
-      return at::matmul(x.to(at::kBFloat16), w.to(at::kBFloat16).t()).to(x.scalar_type());
+      return bf16_mm(x.to(at::kBFloat16)).to(x.scalar_type());
     return matmul_fp32(x.to(at::kFloat), w.to(at::kFloat)).to(x.scalar_type());
   }
 
