@@ -115,5 +115,6 @@ assert c.SIMD == 'neon', f'expected the NEON paths, this build has {c.SIMD!r}'
 print(f'test_aarch64: {platform.machine()} build, SIMD={c.SIMD}, OpenMP={c.OPENMP}')"
 
 tests_started=$(date +%s)
-emulated -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_training_ops.py tests/test_gguf_native.py "$@"
+emulated -m pytest -q -p no:cacheprovider -m "not slow" tests/test_kernels.py tests/test_training_ops.py tests/test_gguf_native.py \
+  tests/test_batched.py "$@"
 say "tests took $(( $(date +%s) - tests_started )) s; all in $(( $(date +%s) - started )) s"
