@@ -9,7 +9,9 @@ across iterations, so the running streams keep flowing while a long prompt comes
 A request's rows are the logits it would get alone (the batched step is batch-invariant), so its greedy output is
 the batch-1 generator's and a seeded sample repeats whatever else runs beside it. Events go back through the
 request's `on_event` callback, called on the engine thread: ("text", piece) as text is made (a stop string is
-never sent in part: text that could still become one is held back), then ("done", finish_reason).
+never sent in part: text that could still become one is held back), then ("done", finish_reason): "stop" (an
+end-of-sequence token or a stop string), "length" (max_tokens), "cancelled", or "error" (the step failed: the
+traceback goes to stderr, the requests in that step end, the engine goes on).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+import traceback
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,7 +31,7 @@ from .generation import Gemma3LM
 from .huge_pages import release_freed_memory
 from .sampling import SamplingParams, sample
 
-FINISH_REASONS = ("stop", "length", "cancelled")
+FINISH_REASONS = ("stop", "length", "cancelled", "error")
 
 
 class QueueFull(Exception):
@@ -157,12 +160,20 @@ class Engine:
                         self._admit()
                     if self._stop:
                         break
-                self._iteration()
-        except BaseException as e:  # a bug or a broken model: fail every request rather than hang them
+                try:
+                    self._iteration()
+                except Exception:  # a bug: the requests in flight fail ("error"), the engine serves on
+                    traceback.print_exc()
+                    with self._cv:
+                        for r in list(self._running):
+                            self._finish(r, "error")
+                            self._release(r)
+                        self.stats.running = len(self._running)
+        except BaseException as e:  # the engine thread itself broke: fail every request rather than hang them
             with self._cv:
                 self.error = e
                 for r in list(self._running) + list(self._queue):
-                    self._finish(r, "cancelled")
+                    self._finish(r, "error")
                 self._queue.clear()
             raise
 

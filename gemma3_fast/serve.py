@@ -313,8 +313,8 @@ def create_app(args: argparse.Namespace, load_now: bool = False):
             except asyncio.CancelledError:
                 request.cancel()
                 raise
-            if value == "cancelled":
-                return error(500, "the request was cancelled by the server")
+            if value in ("cancelled", "error"):
+                return error(500, f"the request ended with an {value} in the server (its log has the details)")
             if chat:
                 ch = {"index": 0, "message": {"role": "assistant", "content": "".join(text)}, "logprobs": None,
                       "finish_reason": value}
@@ -342,7 +342,11 @@ def create_app(args: argparse.Namespace, load_now: bool = False):
                     if what == "text":
                         yield sse([choice(value, None)])
                         continue
-                    if value != "cancelled":
+                    if value == "error":
+                        failed = error_body("the request failed in the server (its log has the details)",
+                                            kind="server_error")
+                        yield f"data: {json.dumps(failed)}\n\n"
+                    elif value != "cancelled":
                         yield sse([choice(None, value)])
                         if include_usage:
                             yield sse([], with_usage=True)

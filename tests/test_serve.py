@@ -8,6 +8,7 @@ import json
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -314,3 +315,31 @@ def test_real_model_concurrent_greedy_equals_the_cli(default_gguf):
         cli = subprocess.run([sys.executable, "-m", "gemma3_fast.generate", "--prompt", prompt, "--max-new-tokens",
                               "32", "--no-stream"], capture_output=True, text=True, check=True).stdout
         assert cli == prompt + text + "\n", (prompt, text, cli)
+
+
+def test_engine_survives_a_failing_step(tiny_lm, monkeypatch):
+    """A step that raises (a bug) ends the requests in it with "error"; the engine frees their slots and serves
+    the next request."""
+    from gemma3_fast.engine import Engine, Request
+
+    engine = Engine(tiny_lm, parallel=2, ctx_size=64).start()
+    try:
+        events: list = []
+        done = threading.Event()
+
+        def on_event(kind, value):
+            events.append((kind, value))
+            if kind == "done":
+                done.set()
+
+        real = engine.session.logits
+        monkeypatch.setattr(engine.session, "logits", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+        engine.submit(Request(tiny_lm.tokenizer.encode("w1 w2"), 5, on_event=on_event))
+        assert done.wait(30) and events[-1] == ("done", "error")
+        monkeypatch.setattr(engine.session, "logits", real)
+        done.clear()
+        ok = engine.submit(Request(tiny_lm.tokenizer.encode("w1 w2"), 5, on_event=on_event))
+        assert done.wait(30) and events[-1] == ("done", "length") and len(ok.output_ids) == 5
+        assert engine.stats.requests_total["error"] == 1 and engine.stats.running == 0
+    finally:
+        engine.close()
