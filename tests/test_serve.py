@@ -340,6 +340,9 @@ def test_engine_survives_a_failing_step(tiny_lm, monkeypatch):
         done.clear()
         ok = engine.submit(Request(tiny_lm.tokenizer.encode("w1 w2"), 5, on_event=on_event))
         assert done.wait(30) and events[-1] == ("done", "length") and len(ok.output_ids) == 5
+        deadline = time.monotonic() + 10  # "done" is sent before the slot is released, at the step's end
+        while engine.stats.running and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert engine.stats.requests_total["error"] == 1 and engine.stats.running == 0
     finally:
         engine.close()
