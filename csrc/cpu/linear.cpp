@@ -278,7 +278,7 @@ PreparedX prepare(const float* x, const vec::bf16* x_bf16, int64_t k, at::Scalar
 }
 
 // out[t][r] = scale[r] * dot(x[t], W[r]) for rows [r0, r1); x stays in L1 while W streams past. Each row is read
-// once for all tokens, taken kTokenGroup at a time (dot_rows' accumulators must fit the vector registers).
+// once for all tokens, taken kTokenGroup at a time (dot_tokens' accumulators must fit the vector registers).
 #if defined(__AVX512F__)
 constexpr int64_t kTokenGroup = 8;
 #else
@@ -304,11 +304,8 @@ void gemv_rows(const float* x, const std::vector<PreparedX>& px, int64_t tokens,
                TO* out, int64_t n, int64_t k, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
     const TW* row = w + r * k;
-#if defined(__x86_64__) || defined(__i386__)
-    if (tokens > 1)  // the row after next, ahead of need: with several tokens the row's compute is long
-      for (int64_t b = 0; b < k * static_cast<int64_t>(sizeof(TW)); b += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(row + 2 * k) + b, _MM_HINT_T0);
-#endif
+    if (tokens > 1 && r + 2 < r1)  // the row after next, ahead of need: with several tokens its compute is long
+      vec::prefetch(row + 2 * k, k * static_cast<int64_t>(sizeof(TW)));
     for (int64_t t = 0; t < tokens; t += kTokenGroup) {
       switch (std::min(kTokenGroup, tokens - t)) {
         case 1: row_tokens<1>(x, px, t, row, scales, out, n, k, r); break;
