@@ -30,8 +30,17 @@ from . import reference_ops
 from .generation import Gemma3LM
 from .huge_pages import release_freed_memory
 from .sampling import SamplingParams, sample
+from .tokenizer import StreamDecoder
 
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
+
+
+class InvalidRequest(ValueError):
+    """A request that cannot run here; `param` names the field at fault."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
 
 
 class QueueFull(Exception):
@@ -58,6 +67,8 @@ class Request:
     _prefilled: int = 0
     _next: int | None = None  # the token the next decode step feeds
     _cancelled: bool = False
+    _generator: torch.Generator | None = None  # made at the first sampled token
+    _decoder: StreamDecoder | None = None  # made at the first token
 
     def cancel(self) -> None:
         """Stop this request at the next step (its slot is freed then); safe from any thread."""
@@ -108,19 +119,20 @@ class Engine:
 
     # -- the outside ---------------------------------------------------------------------------------------
     def check(self, request: Request) -> None:
-        """Raise ValueError (naming the field) for a request that cannot run here."""
+        """Raise InvalidRequest (a ValueError naming the field) for a request that cannot run here."""
         if not request.prompt_ids:
-            raise ValueError("prompt: the prompt is empty")
+            raise InvalidRequest("prompt: the prompt is empty", "prompt")
         vocab = self.model.config.vocab_size
         bad = [t for t in request.prompt_ids if not 0 <= t < vocab]
         if bad:
-            raise ValueError(f"prompt: {bad[0]} is not a token id (the vocabulary has {vocab} entries)")
+            raise InvalidRequest(f"prompt: {bad[0]} is not a token id (the vocabulary has {vocab} entries)", "prompt")
         if request.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {request.max_tokens}")
+            raise InvalidRequest(f"max_tokens must be >= 1, got {request.max_tokens}", "max_tokens")
         need = len(request.prompt_ids) + request.max_tokens
         if need > self.ctx_size:
-            raise ValueError(f"max_tokens: the prompt ({len(request.prompt_ids)} tokens) + max_tokens "
-                             f"({request.max_tokens}) = {need} exceeds the context of {self.ctx_size} tokens")
+            raise InvalidRequest(f"max_tokens: the prompt ({len(request.prompt_ids)} tokens) + max_tokens "
+                                 f"({request.max_tokens}) = {need} exceeds the context of {self.ctx_size} tokens",
+                                 "max_tokens")
         request.params.validate()
 
     def submit(self, request: Request) -> Request:
@@ -230,14 +242,12 @@ class Engine:
             self.stats.running = len(self._running)
 
     def _pick(self, r: Request, logits: torch.Tensor) -> int:
-        generator = r.__dict__.get("_generator")
-        if generator is None and r.params.temperature > 0:
-            generator = r.__dict__["_generator"] = torch.Generator().manual_seed(
-                r.seed if r.seed is not None else torch.seed())
+        if r._generator is None and r.params.temperature > 0:
+            r._generator = torch.Generator().manual_seed(r.seed if r.seed is not None else torch.seed())
         seen = None
         if r.params.repetition_penalty != 1.0:
             seen = torch.tensor(r.prompt_ids + r.output_ids)
-        return sample(logits.cpu(), r.params, seen, generator, self._argmax)
+        return sample(logits.cpu(), r.params, seen, r._generator, self._argmax)
 
     def _push(self, r: Request, token: int) -> None:
         """A new token of r: its text out (held back while it could still begin a stop string), or the end."""
@@ -247,11 +257,12 @@ class Engine:
         self.stats.generated_tokens_total += 1
         if token in self.tokenizer.stop_ids:
             return self._finish(r, "stop")
-        decoder = r.__dict__.get("_decoder") or r.__dict__.setdefault("_decoder", self.tokenizer.stream_decoder())
-        r.text += decoder.push(token)
+        if r._decoder is None:
+            r._decoder = self.tokenizer.stream_decoder()
+        r.text += r._decoder.push(token)
         last = len(r.output_ids) >= r.max_tokens
         if last:
-            r.text += decoder.flush()
+            r.text += r._decoder.flush()
         for s in r.stop:
             at = r.text.find(s, max(0, r.sent - len(s) + 1))
             if at >= 0:

@@ -382,7 +382,10 @@ class BatchedDecodeSession:
             out = self._native.logits_batch(tokens, positions, slots)
         else:
             layers = len(self.model.layers)
-            pick = lambda caches: [caches[s * layers + i] for s in slots for i in range(layers)]  # noqa: E731
+
+            def pick(caches: list[torch.Tensor]) -> list[torch.Tensor]:  # the stepping slots' caches, slot-major
+                return [caches[s * layers + i] for s in slots for i in range(layers)]
+
             device = self.model.device
             out = self.model.ops.decoder_forward_batched(
                 torch.tensor(tokens, device=device), torch.tensor(positions, device=device), *self._args,

@@ -25,7 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from .engine import Engine, QueueFull, Request
+from .engine import Engine, InvalidRequest, QueueFull, Request
 from .sampling import SamplingParams
 
 DEFAULT_CTX = 4096
@@ -172,9 +172,9 @@ class Server:
         request = Request(prompt_ids, max_tokens, params, seed, stop)
         try:
             engine.check(request)
-        except ValueError as e:
-            field = str(e).split(":")[0] if ":" in str(e) else None
-            raise BadRequest(str(e).replace("max_tokens", name), name if field == "max_tokens" else field) from None
+        except InvalidRequest as e:  # the field as the client spelled it (chat: max_completion_tokens)
+            param = name if e.param == "max_tokens" else e.param
+            raise BadRequest(str(e).replace("max_tokens", name), param) from None
         return request, len(prompt_ids)
 
     def metrics(self) -> str:

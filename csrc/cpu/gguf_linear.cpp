@@ -207,11 +207,8 @@ inline void for_each_run(const uint8_t* b, int64_t blocks, const F& f) {
 template <Type T, int N>
 void row_dot(const float* const* x, const float* const* xsum, const uint8_t* b, int64_t blocks, float* out) {
   acc_t acc[N];
-  float mins[N];
-  for (int t = 0; t < N; ++t) {
-    acc[t] = acc_zero();
-    mins[t] = 0.f;
-  }
+  float mins[N] = {};
+  for (int t = 0; t < N; ++t) acc[t] = acc_zero();
   for_each_run<T>(b, blocks, [&](int64_t j, __m256i q, float d_lo, float d_hi, float min) {
     const Widened w = widen32(q);
     for (int t = 0; t < N; ++t) {
@@ -236,11 +233,8 @@ template <Type T, int N>
 void row_dot_i16(const int16_t* const* xq, const float* const* xsum, const float* inv_scale, const uint8_t* b,
                  int64_t blocks, float* out) {
   acc_t acc[N];
-  float mins[N];
-  for (int t = 0; t < N; ++t) {
-    acc[t] = acc_zero();
-    mins[t] = 0.f;
-  }
+  float mins[N] = {};
+  for (int t = 0; t < N; ++t) acc[t] = acc_zero();
   for_each_run<T>(b, blocks, [&](int64_t j, __m256i q, float d_lo, float d_hi, float min) {
 #if defined(__AVX512F__) && defined(__AVX512BW__)
     const __m512i w = _mm512_cvtepi8_epi16(q);
