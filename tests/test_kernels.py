@@ -379,6 +379,58 @@ def test_linear_decode_rows_all_written_once(threads, n):
         torch.set_num_threads(old)
 
 
+@pytest.mark.parametrize("x_dtype", DTYPES)
+@pytest.mark.parametrize("k", [640, 37])
+def test_linear_prefill_int8_dequantizes_exactly(x_dtype, k):
+    """Above 8 tokens an int8 weight is dequantized in one pass (dequantize_int8) for the matmul: the same values
+    as the fp32 product w * scale (then bf16 where the matmul runs in bf16), so the output equals the matmul of
+    that dequantized weight exactly. Odd k: the scalar tail of each row."""
+    from gemma3_fast.quantize import quantize_int8
+
+    w, scales = quantize_int8(randn(70, k, seed=1) * k ** -0.5)
+    x = randn(40, k, dtype=x_dtype, scale=3)
+    assert torch.equal(ext.linear(x, w, scales), ext.linear(x, w.float() * scales[:, None]))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("w_kind", ["bfloat16", "int8"])
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 63, 65, 1000])
+def test_linear_decode_16_row_blocks(threads, w_kind, n):
+    """bf16 and int8 weights (k a multiple of 32) are reduced 16 rows at a time on AVX-512 builds, the last block
+    of each thread's rows masked: every row is written, and no other (a stray lane would land in the next token's
+    first rows), for 1-8 tokens and any thread count."""
+    from gemma3_fast.quantize import quantize_int8
+
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        w32 = randn(n, 64, seed=1) * 0.125
+        w, scales = quantize_int8(w32) if w_kind == "int8" else (w32.bfloat16(), None)
+        for x_dtype in DTYPES:
+            for tokens in (1, 3, 8):
+                x = randn(tokens, 64, dtype=x_dtype, scale=2)
+                out = ext.linear(x, w, scales)
+                r32 = ref.linear(x.float(), w.float() if scales is None else w, scales)
+                torch.testing.assert_close(out.float(), r32, atol=2e-2, rtol=1e-2)
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("w_kind", ["float32", "bfloat16"])
+@pytest.mark.parametrize("tokens", [1, 4])
+def test_linear_decode_propagates_nan(w_kind, tokens):
+    """A NaN in x gives NaN outputs for its token, in fp32 and in bf16 (the vector bf16 rounding must not carry a
+    NaN into the sign bit or to infinity), and leaves the other tokens alone."""
+    x = randn(tokens, 640, dtype=torch.bfloat16)
+    x[-1, 7] = float("nan")
+    w = randn(40, 640, seed=1).to(getattr(torch, w_kind))
+    if w_kind == "float32":
+        w = w.bfloat16()
+    for xd in (x, x.float()):
+        out = ext.linear(xd, w if xd.dtype == torch.bfloat16 else w.float())
+        assert torch.isnan(out[-1]).all() and not torch.isnan(out[:-1]).any()
+
+
 def test_linear_opcheck_and_bad_inputs():
     from gemma3_fast.quantize import quantize_int8
 

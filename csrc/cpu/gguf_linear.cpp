@@ -397,7 +397,7 @@ at::Tensor block_linear(const at::Tensor& x_in, const at::Tensor& weight, Argmax
   at::Tensor out = at::empty(out_shape, x.options());
   float* op = out.data_ptr<float>();
   const bool int16_x = kHasInt16Path && g_int16_activations.load(std::memory_order_relaxed);
-  std::vector<int16_t> xq(int16_x ? tokens * k : 0);
+  vec::aligned_vector<int16_t> xq(int16_x ? tokens * k : 0);
   std::vector<float> x_scale(int16_x ? tokens : 0), x_inv_scale(int16_x ? tokens : 0);
   for (int64_t t = 0; int16_x && t < tokens; ++t) {
     x_scale[t] = vec::quantize_int16(xp + t * k, k, xq.data() + t * k);

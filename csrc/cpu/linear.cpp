@@ -13,6 +13,7 @@
 
 #include <atomic>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "../checks.h"
@@ -34,7 +35,7 @@ inline float to_f32_w(vec::bf16 x) { return static_cast<float>(x); }
 struct PreparedX {
   const vec::bf16* bf16_row = nullptr;  // the row itself when x is bf16 (AVX512-BF16 dot products)
   std::vector<float> deinterleaved;  // bf16 weights, AVX2: per 16 inputs, the 8 even then the 8 odd ones
-  std::vector<int16_t> q;            // int8 weights: x quantized to int16 ...
+  vec::aligned_vector<int16_t> q;    // int8 weights: x quantized to int16 ...
   float q_scale = 0.f;               // ... with x ~= q * q_scale
 };
 
@@ -95,33 +96,44 @@ inline void dot_tokens(const float* const* x, const PreparedX* const*, const flo
   for (int j = 0; j < R; ++j) out[j] = finish_dot(sum[j], 1.f, x[j], w, i, k);
 }
 
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+// bf16 x and bf16 W: vdpbf16ps multiplies 32 pairs into fp32 sums in one instruction (exact products). Two
+// accumulators per row, as for int8: one waited on vdpbf16ps's latency. v[j]: token j's lane sums (their
+// _mm512_reduce_add_ps is its dot) over weights [0, returned index).
+template <int R>
+inline int64_t dot_vecs(const PreparedX* const* px, const vec::bf16* w, int64_t k, __m512* v) {
+  int64_t i = 0;
+  __m512 a[R], b[R];
+  for (int j = 0; j < R; ++j) a[j] = b[j] = _mm512_setzero_ps();
+  auto load = [](const vec::bf16* p) { return (__m512bh)_mm512_loadu_si512(p); };
+  const vec::bf16* xb[R];
+  for (int j = 0; j < R; ++j) xb[j] = px[j]->bf16_row;
+  for (; i + 64 <= k; i += 64) {
+    const __m512bh w0 = load(w + i), w1 = load(w + i + 32);
+    for (int j = 0; j < R; ++j) {
+      a[j] = _mm512_dpbf16_ps(a[j], load(xb[j] + i), w0);
+      b[j] = _mm512_dpbf16_ps(b[j], load(xb[j] + i + 32), w1);
+    }
+  }
+  for (; i + 32 <= k; i += 32) {
+    const __m512bh w0 = load(w + i);
+    for (int j = 0; j < R; ++j) a[j] = _mm512_dpbf16_ps(a[j], load(xb[j] + i), w0);
+  }
+  for (int j = 0; j < R; ++j) v[j] = _mm512_add_ps(a[j], b[j]);
+  return i;
+}
+#endif
+
 template <int R>
 inline void dot_tokens(const float* const* x, const PreparedX* const* px, const vec::bf16* w, int64_t k,
                        float* out) {
   int64_t i = 0;
   float sum[R] = {};
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
-  // bf16 x and bf16 W: vdpbf16ps multiplies 32 pairs into fp32 sums in one instruction (exact products).
-  // Two accumulators per row, as for int8: one waited on vdpbf16ps's latency.
   if (px[0]->bf16_row != nullptr) {  // the pairs' x all have one dtype
-    __m512 a[R], b[R];
-    for (int j = 0; j < R; ++j) a[j] = b[j] = _mm512_setzero_ps();
-    auto load = [](const vec::bf16* p) { return (__m512bh)_mm512_loadu_si512(p); };
-    const vec::bf16* xb[R];
-    for (int j = 0; j < R; ++j) xb[j] = px[j]->bf16_row;
-    for (; i + 64 <= k; i += 64) {
-      const __m512bh w0 = load(w + i), w1 = load(w + i + 32);
-      for (int j = 0; j < R; ++j) {
-        a[j] = _mm512_dpbf16_ps(a[j], load(xb[j] + i), w0);
-        b[j] = _mm512_dpbf16_ps(b[j], load(xb[j] + i + 32), w1);
-      }
-    }
-    for (; i + 32 <= k; i += 32) {
-      const __m512bh w0 = load(w + i);
-      for (int j = 0; j < R; ++j) a[j] = _mm512_dpbf16_ps(a[j], load(xb[j] + i), w0);
-    }
-    for (int j = 0; j < R; ++j)
-      out[j] = finish_dot(_mm512_reduce_add_ps(_mm512_add_ps(a[j], b[j])), 1.f, x[j], w, i, k);
+    __m512 v[R];
+    i = dot_vecs<R>(px, w, k, v);
+    for (int j = 0; j < R; ++j) out[j] = finish_dot(_mm512_reduce_add_ps(v[j]), 1.f, x[j], w, i, k);
     return;
   }
 #endif
@@ -161,17 +173,18 @@ inline void dot_tokens(const float* const* x, const PreparedX* const* px, const 
   for (int j = 0; j < R; ++j) out[j] = finish_dot(sum[j], 1.f, x[j], w, i, k);
 }
 
+// int8 weights: int16 x times int8 w summed in int32 lanes. Each lane adds at most 2 * 32767 * 127 per step, so
+// the int32 sums are moved to fp32 every kFlush weights, long before they could overflow.
+constexpr int64_t kFlush = 4096;
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// The int8 kernel's AVX-512 loop: v[j] = token j's lane sums over weights [0, returned index), in units of its
+// x's int16 quantum (q_scale).
 template <int R>
-inline void dot_tokens(const float* const* x, const PreparedX* const* px, const int8_t* w, int64_t k,
-                       float* out) {
+inline int64_t dot_vecs(const PreparedX* const* px, const int8_t* w, int64_t k, __m512* v) {
   int64_t i = 0;
-  float sum[R] = {};
   const int16_t* xq[R];
   for (int j = 0; j < R; ++j) xq[j] = px[j]->q.data();
-  // int16 x times int8 w summed in int32 lanes: each lane adds at most 2 * 32767 * 127 per step, so the int32
-  // sums are moved to fp32 every kFlush weights, long before they could overflow.
-  constexpr int64_t kFlush = 4096;
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
   // vpdpwssd multiplies 32 int16 pairs and adds them into int32 lanes in one instruction. Two accumulators per
   // row (even and odd 32-weight steps): with one, the kernel waited on vpdpwssd's latency and ran at ~45 GB/s
   // from cache on 2 cores, below what DRAM delivers here in a fast phase.
@@ -197,7 +210,23 @@ inline void dot_tokens(const float* const* x, const PreparedX* const* px, const 
     }
     for (int j = 0; j < R; ++j) f[j] = _mm512_add_ps(f[j], _mm512_cvtepi32_ps(_mm512_add_epi32(a[j], b[j])));
   }
-  for (int j = 0; j < R; ++j) sum[j] = _mm512_reduce_add_ps(f[j]);
+  for (int j = 0; j < R; ++j) v[j] = f[j];
+  return i;
+}
+#endif
+
+template <int R>
+inline void dot_tokens(const float* const* x, const PreparedX* const* px, const int8_t* w, int64_t k,
+                       float* out) {
+  int64_t i = 0;
+  float sum[R] = {};
+  const int16_t* xq[R];
+  for (int j = 0; j < R; ++j) xq[j] = px[j]->q.data();
+  (void)xq;  // read by the AVX2 and NEON loops
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  __m512 v[R];
+  i = dot_vecs<R>(px, w, k, v);
+  for (int j = 0; j < R; ++j) sum[j] = _mm512_reduce_add_ps(v[j]);
 #elif defined(GEMMA3_AVX2)
   __m256 f[R];
   for (int j = 0; j < R; ++j) f[j] = _mm256_setzero_ps();
@@ -299,13 +328,117 @@ inline void row_tokens(const float* x, const std::vector<PreparedX>& px, int64_t
   for (int j = 0; j < T; ++j) out[(t0 + j) * n + r] = vec::from_f32<TO>(scales ? s[j] * scales[r] : s[j]);
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
+    (defined(__AVX512VNNI__) || defined(__AVX512BF16__))
+#define GEMMA3_ROWS16 1
+// The weight types whose dot_vecs exists (int8 with VNNI; bf16 with AVX512-BF16, when x is bf16 too).
+template <typename TW>
+constexpr bool kHasRows16 = false;
+#if defined(__AVX512VNNI__)
+template <>
+constexpr bool kHasRows16<int8_t> = true;
+#endif
+#if defined(__AVX512BF16__)
+template <>
+constexpr bool kHasRows16<vec::bf16> = true;
+#endif
+
+// 16 rows' lane sums (one token each) -> one vector of their 16 sums, row r in lane r. Each row is added up in
+// the order of GCC's _mm512_reduce_add_ps (lanes l + (l + 8), then + 4, then {0, 1} + {2, 3}, then 0 + 1), with
+// shuffles that serve all 16 rows at each level: 45 instructions for 16 sums instead of ~8 a sum, and one vector
+// store of the results instead of 16 scalar ones.
+inline __m512 reduce16(const __m512* v) {
+  __m512 p[8], q[4], r[2];
+  for (int i = 0; i < 8; ++i)  // lanes 0-7: row 2i's sums of lanes l and l + 8; lanes 8-15: row 2i + 1's
+    p[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+  for (int i = 0; i < 4; ++i)  // 128-bit lane c: row 4i + c's 4 sums (l + 4)
+    q[i] = _mm512_add_ps(_mm512_shuffle_f32x4(p[2 * i], p[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(p[2 * i], p[2 * i + 1], 0xDD));
+  for (int i = 0; i < 2; ++i)  // 128-bit lane c: rows 8i + c, 8i + 4 + c, 2 sums each
+    r[i] = _mm512_add_ps(_mm512_shuffle_ps(q[2 * i], q[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(q[2 * i], q[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  // lane 4c + e: row 4e + c; permuted back to row order.
+  const __m512 s = _mm512_add_ps(_mm512_shuffle_ps(r[0], r[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                 _mm512_shuffle_ps(r[0], r[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), s);
+}
+
+inline void store16(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
+inline void store16(vec::bf16* p, __m512 v, __mmask16 m) {  // rounded as c10::BFloat16 rounds, NaN -> 0x7fc0
+  __m512i x = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(1));
+  x = _mm512_srli_epi32(_mm512_add_epi32(x, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+  x = _mm512_mask_mov_epi32(x, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(x));
+}
+
+template <int T, typename TW>
+inline void tokens_vecs(const std::vector<PreparedX>& px, int64_t t0, const TW* row, int64_t k, __m512* v) {
+  const PreparedX* ps[T];
+  for (int j = 0; j < T; ++j) ps[j] = &px[t0 + j];
+  dot_vecs<T>(ps, row, k, v);
+}
+
+// gemv_rows for k a multiple of 32 with a dot_vecs: rows taken 16 at a time, each row's vector sums kept, then
+// reduced, scaled and stored 16 rows at once (reduce16). Every token count, 1 included, runs this path, so a
+// token's outputs do not depend on the others (batch-invariance). At 8 tokens the per-row reductions, scalar
+// scaling and strided scalar stores had been about a third of the kernel's instructions at k = 640.
+template <typename TW, typename TO>
+void gemv_rows16(const std::vector<PreparedX>& px, int64_t tokens, const TW* w, const float* scales, TO* out,
+                 int64_t n, int64_t k, int64_t r0, int64_t r1) {
+  __m512 acc[kTokenGroup][16];
+  for (int64_t rb = r0; rb < r1; rb += 16) {
+    const int64_t rows = std::min<int64_t>(16, r1 - rb);
+    const __mmask16 mask = static_cast<__mmask16>((1u << rows) - 1);
+    const __m512 sc = scales != nullptr ? _mm512_maskz_loadu_ps(mask, scales + rb) : _mm512_set1_ps(1.f);
+    for (int64_t t = 0; t < tokens; t += kTokenGroup) {
+      const int64_t g = std::min(kTokenGroup, tokens - t);
+      for (int64_t i = 0; i < 16; ++i) {
+        __m512 v[kTokenGroup];
+        const TW* row = w + (rb + i) * k;
+        if (i >= rows) {
+          for (int64_t j = 0; j < g; ++j) v[j] = _mm512_setzero_ps();
+        } else {
+          if (tokens > 1 && rb + i + vec::kPrefetchRows < r1)
+            vec::prefetch_l2(row + vec::kPrefetchRows * k, k * static_cast<int64_t>(sizeof(TW)));
+          switch (g) {
+            case 1: tokens_vecs<1>(px, t, row, k, v); break;
+            case 2: tokens_vecs<2>(px, t, row, k, v); break;
+            case 3: tokens_vecs<3>(px, t, row, k, v); break;
+            case 4: tokens_vecs<4>(px, t, row, k, v); break;
+            case 5: tokens_vecs<5>(px, t, row, k, v); break;
+            case 6: tokens_vecs<6>(px, t, row, k, v); break;
+            case 7: tokens_vecs<7>(px, t, row, k, v); break;
+            default: tokens_vecs<8>(px, t, row, k, v); break;
+          }
+        }
+        for (int64_t j = 0; j < g; ++j) acc[j][i] = v[j];
+      }
+      for (int64_t j = 0; j < g; ++j) {
+        __m512 s = reduce16(acc[j]);
+        if constexpr (std::is_same_v<TW, int8_t>) s = _mm512_mul_ps(s, _mm512_set1_ps(px[t + j].q_scale));
+        if (scales != nullptr) s = _mm512_mul_ps(s, sc);
+        store16(out + (t + j) * n + rb, s, mask);
+      }
+    }
+  }
+}
+#endif
+
 template <typename TW, typename TO>
 void gemv_rows(const float* x, const std::vector<PreparedX>& px, int64_t tokens, const TW* w, const float* scales,
                TO* out, int64_t n, int64_t k, int64_t r0, int64_t r1) {
+#ifdef GEMMA3_ROWS16
+  if constexpr (kHasRows16<TW>) {
+    if (k % 32 == 0 && (!std::is_same_v<TW, vec::bf16> || px[0].bf16_row != nullptr))
+      return gemv_rows16(px, tokens, w, scales, out, n, k, r0, r1);
+  }
+#endif
   for (int64_t r = r0; r < r1; ++r) {
     const TW* row = w + r * k;
-    if (tokens > 1 && r + 2 < r1)  // the row after next, ahead of need: with several tokens its compute is long
-      vec::prefetch(row + 2 * k, k * static_cast<int64_t>(sizeof(TW)));
+    if (tokens > 1 && r + vec::kPrefetchRows < r1)
+      vec::prefetch_l2(row + vec::kPrefetchRows * k, k * static_cast<int64_t>(sizeof(TW)));
     for (int64_t t = 0; t < tokens; t += kTokenGroup) {
       switch (std::min(kTokenGroup, tokens - t)) {
         case 1: row_tokens<1>(x, px, t, row, scales, out, n, k, r); break;
@@ -386,6 +519,34 @@ bool fp32_matmul_in_bf16() {
 #endif
 }
 
+// w[r][i] * scales[r] in dtype (fp32 or bf16): an int8 weight as the prefill matmuls take it, in one pass. The same
+// values as weight.to(float).mul_(scales).to(dtype) (an fp32 product, then bf16 rounded to nearest even), without
+// its three passes and fp32 copy: a 128-token bf16 x int8 linear (4096 x 640, 2-core EPYC) took 2.3-2.5 ms
+// against bf16 weights' 1.6-1.7; now 1.8.
+at::Tensor dequantize_int8(const at::Tensor& weight, const at::Tensor& scales, at::ScalarType dtype) {
+  at::Tensor out = at::empty(weight.sizes(), weight.options().dtype(dtype));
+  const int64_t n = weight.size(0), k = weight.size(1);
+  const int8_t* wp = weight.data_ptr<int8_t>();
+  const float* sp = scales.data_ptr<float>();
+  dispatch_float_bf16(dtype, [&](auto o_tag) {
+    using TO = decltype(o_tag);
+    TO* op = out.data_ptr<TO>();
+    at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int8_t* q = wp + r * k;
+        TO* o = op + r * k;
+        const float s = sp[r];
+        int64_t i = 0;
+#ifdef GEMMA3_SIMD
+        for (; i + vec::kW <= k; i += vec::kW) vec::vstore(o + i, vec::vmul(vec::vload(q + i), vec::vset(s)));
+#endif
+        for (; i < k; ++i) o[i] = vec::from_f32<TO>(static_cast<float>(q[i]) * s);
+      }
+    });
+  });
+  return out;
+}
+
 // With an ArgmaxSink, the argmax of a one-token decode's output is gathered chunk by chunk while each chunk is still
 // in L1 (the argmax op, reading the logits back from two cores' caches and DRAM, took 56-65 us of a decode step).
 at::Tensor linear_impl(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& scales,
@@ -462,17 +623,18 @@ at::Tensor linear_impl(const at::Tensor& x, const at::Tensor& weight, const std:
 #endif
     }();
     const bool bf16_matmul = native_bf16 && x.scalar_type() == at::kBFloat16;
-    at::Tensor w = weight;
-    if (scales.has_value()) w = weight.to(at::kFloat).mul_(scales->unsqueeze(1));
+    auto weight_as = [&](at::ScalarType dt) {
+      return scales.has_value() ? dequantize_int8(weight, *scales, dt) : weight.to(dt);
+    };
     auto bf16_mm = [&](const at::Tensor& xb) {  // oneDNN's bf16 matmul: rows padded as in matmul_fp32
-      const at::Tensor wb = w.to(at::kBFloat16);
+      const at::Tensor wb = weight_as(at::kBFloat16);
       return with_padded_rows(xb.reshape({-1, k}), [&](const at::Tensor& xp) { return at::matmul(xp, wb.t()); })
           .reshape(out_shape);
     };
     if (bf16_matmul) return bf16_mm(x);
     if (native_bf16 && fp32_matmul_in_bf16())  // the user's opt-in: see fp32_matmul_in_bf16
       return bf16_mm(x.to(at::kBFloat16)).to(x.scalar_type());
-    return matmul_fp32(x.to(at::kFloat), w.to(at::kFloat)).to(x.scalar_type());
+    return matmul_fp32(x.to(at::kFloat), weight_as(at::kFloat)).to(x.scalar_type());
   }
 
   at::Tensor out = at::empty(out_shape, x.options());
