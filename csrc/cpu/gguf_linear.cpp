@@ -317,25 +317,6 @@ constexpr int kTokenGroup = 4;
 
 using DequantizeRow = void (*)(const uint8_t*, int64_t, float*);
 
-// f(std::integral_constant<int, g>{}) for a group of 1 <= g <= kTokenGroup tokens.
-template <typename F>
-void with_group(int64_t g, const F& f) {
-  switch (g) {
-    case 1: return f(std::integral_constant<int, 1>{});
-    case 2: return f(std::integral_constant<int, 2>{});
-    case 3: return f(std::integral_constant<int, 3>{});
-#if defined(GEMMA3_AVX2) && defined(__AVX512F__)
-    case 4: return f(std::integral_constant<int, 4>{});
-    case 5: return f(std::integral_constant<int, 5>{});
-    case 6: return f(std::integral_constant<int, 6>{});
-    case 7: return f(std::integral_constant<int, 7>{});
-    default: return f(std::integral_constant<int, 8>{});
-#else
-    default: return f(std::integral_constant<int, 4>{});
-#endif
-  }
-}
-
 std::atomic<bool> g_int16_activations{false};
 
 // Up to here one pass over the blocks for all tokens; beyond, dequantized tiles and the fp32 matmul. The default
@@ -431,7 +412,7 @@ at::Tensor block_linear(const at::Tensor& x_in, const at::Tensor& weight, Argmax
             for (int t = 0; t < G; ++t) op[(t0 + t) * n + r] = res[t];
           }
         };
-        with_group(g, rows);
+        vec::with_token_count<kTokenGroup>(g, rows);
       }
       if (argmax != nullptr) argmax->add(range_argmax(op, r0, r1));
     });

@@ -402,16 +402,7 @@ void gemv_rows16(const std::vector<PreparedX>& px, int64_t tokens, const TW* w, 
         } else {
           if (tokens > 1 && rb + i + vec::kPrefetchRows < r1)
             vec::prefetch_l2(row + vec::kPrefetchRows * k, k * static_cast<int64_t>(sizeof(TW)));
-          switch (g) {
-            case 1: tokens_vecs<1>(px, t, row, k, v); break;
-            case 2: tokens_vecs<2>(px, t, row, k, v); break;
-            case 3: tokens_vecs<3>(px, t, row, k, v); break;
-            case 4: tokens_vecs<4>(px, t, row, k, v); break;
-            case 5: tokens_vecs<5>(px, t, row, k, v); break;
-            case 6: tokens_vecs<6>(px, t, row, k, v); break;
-            case 7: tokens_vecs<7>(px, t, row, k, v); break;
-            default: tokens_vecs<8>(px, t, row, k, v); break;
-          }
+          vec::with_token_count<kTokenGroup>(g, [&](auto c) { tokens_vecs<decltype(c)::value>(px, t, row, k, v); });
         }
         for (int64_t j = 0; j < g; ++j) acc[j][i] = v[j];
       }
@@ -440,20 +431,9 @@ void gemv_rows(const float* x, const std::vector<PreparedX>& px, int64_t tokens,
     if (tokens > 1 && r + vec::kPrefetchRows < r1)
       vec::prefetch_l2(row + vec::kPrefetchRows * k, k * static_cast<int64_t>(sizeof(TW)));
     for (int64_t t = 0; t < tokens; t += kTokenGroup) {
-      switch (std::min(kTokenGroup, tokens - t)) {
-        case 1: row_tokens<1>(x, px, t, row, scales, out, n, k, r); break;
-        case 2: row_tokens<2>(x, px, t, row, scales, out, n, k, r); break;
-        case 3: row_tokens<3>(x, px, t, row, scales, out, n, k, r); break;
-        case 4: row_tokens<4>(x, px, t, row, scales, out, n, k, r); break;
-#if defined(__AVX512F__)
-        case 5: row_tokens<5>(x, px, t, row, scales, out, n, k, r); break;
-        case 6: row_tokens<6>(x, px, t, row, scales, out, n, k, r); break;
-        case 7: row_tokens<7>(x, px, t, row, scales, out, n, k, r); break;
-        default: row_tokens<8>(x, px, t, row, scales, out, n, k, r); break;
-#else
-        default: break;
-#endif
-      }
+      vec::with_token_count<kTokenGroup>(std::min(kTokenGroup, tokens - t), [&](auto c) {
+        row_tokens<decltype(c)::value>(x, px, t, row, scales, out, n, k, r);
+      });
     }
   }
 }
