@@ -98,28 +98,41 @@ inline void dot_tokens(const float* const* x, const PreparedX* const*, const flo
 
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 // bf16 x and bf16 W: vdpbf16ps multiplies 32 pairs into fp32 sums in one instruction (exact products). Two
-// accumulators per row, as for int8: one waited on vdpbf16ps's latency. v[j]: token j's lane sums (their
-// _mm512_reduce_add_ps is its dot) over weights [0, returned index).
-template <int R>
-inline int64_t dot_vecs(const PreparedX* const* px, const vec::bf16* w, int64_t k, __m512* v) {
+// accumulators per row and token (even and odd 32-weight steps): one waited on vdpbf16ps's latency.
+// RR rows (w, w + ldw, ...) against R tokens: v[r * R + j] = row r's lane sums with token j (their
+// _mm512_reduce_add_ps is the dot) over weights [0, returned index). Each accumulator sees its weights in the
+// same order whatever RR and R are, so the rows taken together change the speed, not one bit of the sums.
+template <int RR, int R>
+inline int64_t dot_vecs(const PreparedX* const* px, const vec::bf16* w, int64_t ldw, int64_t k, __m512* v) {
   int64_t i = 0;
-  __m512 a[R], b[R];
-  for (int j = 0; j < R; ++j) a[j] = b[j] = _mm512_setzero_ps();
+  __m512 a[RR][R], b[RR][R];
+  for (int r = 0; r < RR; ++r)
+    for (int j = 0; j < R; ++j) a[r][j] = b[r][j] = _mm512_setzero_ps();
   auto load = [](const vec::bf16* p) { return (__m512bh)_mm512_loadu_si512(p); };
   const vec::bf16* xb[R];
   for (int j = 0; j < R; ++j) xb[j] = px[j]->bf16_row;
   for (; i + 64 <= k; i += 64) {
-    const __m512bh w0 = load(w + i), w1 = load(w + i + 32);
+    __m512bh w0[RR], w1[RR];
+    for (int r = 0; r < RR; ++r) {
+      w0[r] = load(w + r * ldw + i);
+      w1[r] = load(w + r * ldw + i + 32);
+    }
     for (int j = 0; j < R; ++j) {
-      a[j] = _mm512_dpbf16_ps(a[j], load(xb[j] + i), w0);
-      b[j] = _mm512_dpbf16_ps(b[j], load(xb[j] + i + 32), w1);
+      const __m512bh x0 = load(xb[j] + i), x1 = load(xb[j] + i + 32);
+      for (int r = 0; r < RR; ++r) {
+        a[r][j] = _mm512_dpbf16_ps(a[r][j], x0, w0[r]);
+        b[r][j] = _mm512_dpbf16_ps(b[r][j], x1, w1[r]);
+      }
     }
   }
   for (; i + 32 <= k; i += 32) {
-    const __m512bh w0 = load(w + i);
-    for (int j = 0; j < R; ++j) a[j] = _mm512_dpbf16_ps(a[j], load(xb[j] + i), w0);
+    for (int r = 0; r < RR; ++r) {
+      const __m512bh w0 = load(w + r * ldw + i);
+      for (int j = 0; j < R; ++j) a[r][j] = _mm512_dpbf16_ps(a[r][j], load(xb[j] + i), w0);
+    }
   }
-  for (int j = 0; j < R; ++j) v[j] = _mm512_add_ps(a[j], b[j]);
+  for (int r = 0; r < RR; ++r)
+    for (int j = 0; j < R; ++j) v[r * R + j] = _mm512_add_ps(a[r][j], b[r][j]);
   return i;
 }
 #endif
@@ -132,7 +145,7 @@ inline void dot_tokens(const float* const* x, const PreparedX* const* px, const 
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
   if (px[0]->bf16_row != nullptr) {  // the pairs' x all have one dtype
     __m512 v[R];
-    i = dot_vecs<R>(px, w, k, v);
+    i = dot_vecs<1, R>(px, w, k, k, v);
     for (int j = 0; j < R; ++j) out[j] = finish_dot(_mm512_reduce_add_ps(v[j]), 1.f, x[j], w, i, k);
     return;
   }
@@ -178,39 +191,54 @@ inline void dot_tokens(const float* const* x, const PreparedX* const* px, const 
 constexpr int64_t kFlush = 4096;
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-// The int8 kernel's AVX-512 loop: v[j] = token j's lane sums over weights [0, returned index), in units of its
-// x's int16 quantum (q_scale).
-template <int R>
-inline int64_t dot_vecs(const PreparedX* const* px, const int8_t* w, int64_t k, __m512* v) {
+// The int8 kernel's AVX-512 loop, RR rows (w, w + ldw, ...) against R tokens: v[r * R + j] = row r's lane sums
+// with token j over weights [0, returned index), in units of the token's int16 quantum (q_scale). The sums are
+// exact integers until each kFlush, so taking rows together changes no bit of them.
+template <int RR, int R>
+inline int64_t dot_vecs(const PreparedX* const* px, const int8_t* w, int64_t ldw, int64_t k, __m512* v) {
   int64_t i = 0;
   const int16_t* xq[R];
   for (int j = 0; j < R; ++j) xq[j] = px[j]->q.data();
   // vpdpwssd multiplies 32 int16 pairs and adds them into int32 lanes in one instruction. Two accumulators per
   // row (even and odd 32-weight steps): with one, the kernel waited on vpdpwssd's latency and ran at ~45 GB/s
   // from cache on 2 cores, below what DRAM delivers here in a fast phase.
-  __m512 f[R];
-  for (int j = 0; j < R; ++j) f[j] = _mm512_setzero_ps();
+  __m512 f[RR][R];
+  for (int r = 0; r < RR; ++r)
+    for (int j = 0; j < R; ++j) f[r][j] = _mm512_setzero_ps();
   auto widen = [](const int8_t* p) {
     return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   };
   while (i + 32 <= k) {
-    __m512i a[R], b[R];
-    for (int j = 0; j < R; ++j) a[j] = b[j] = _mm512_setzero_si512();
+    __m512i a[RR][R], b[RR][R];
+    for (int r = 0; r < RR; ++r)
+      for (int j = 0; j < R; ++j) a[r][j] = b[r][j] = _mm512_setzero_si512();
     const int64_t stop = std::min(k, i + kFlush);
     for (; i + 64 <= stop; i += 64) {
-      const __m512i w0 = widen(w + i), w1 = widen(w + i + 32);
+      __m512i w0[RR], w1[RR];
+      for (int r = 0; r < RR; ++r) {
+        w0[r] = widen(w + r * ldw + i);
+        w1[r] = widen(w + r * ldw + i + 32);
+      }
       for (int j = 0; j < R; ++j) {
-        a[j] = _mm512_dpwssd_epi32(a[j], _mm512_loadu_si512(xq[j] + i), w0);
-        b[j] = _mm512_dpwssd_epi32(b[j], _mm512_loadu_si512(xq[j] + i + 32), w1);
+        const __m512i x0 = _mm512_loadu_si512(xq[j] + i), x1 = _mm512_loadu_si512(xq[j] + i + 32);
+        for (int r = 0; r < RR; ++r) {
+          a[r][j] = _mm512_dpwssd_epi32(a[r][j], x0, w0[r]);
+          b[r][j] = _mm512_dpwssd_epi32(b[r][j], x1, w1[r]);
+        }
       }
     }
     for (; i + 32 <= stop; i += 32) {
-      const __m512i w0 = widen(w + i);
-      for (int j = 0; j < R; ++j) a[j] = _mm512_dpwssd_epi32(a[j], _mm512_loadu_si512(xq[j] + i), w0);
+      for (int r = 0; r < RR; ++r) {
+        const __m512i w0 = widen(w + r * ldw + i);
+        for (int j = 0; j < R; ++j) a[r][j] = _mm512_dpwssd_epi32(a[r][j], _mm512_loadu_si512(xq[j] + i), w0);
+      }
     }
-    for (int j = 0; j < R; ++j) f[j] = _mm512_add_ps(f[j], _mm512_cvtepi32_ps(_mm512_add_epi32(a[j], b[j])));
+    for (int r = 0; r < RR; ++r)
+      for (int j = 0; j < R; ++j)
+        f[r][j] = _mm512_add_ps(f[r][j], _mm512_cvtepi32_ps(_mm512_add_epi32(a[r][j], b[r][j])));
   }
-  for (int j = 0; j < R; ++j) v[j] = f[j];
+  for (int r = 0; r < RR; ++r)
+    for (int j = 0; j < R; ++j) v[r * R + j] = f[r][j];
   return i;
 }
 #endif
@@ -225,7 +253,7 @@ inline void dot_tokens(const float* const* x, const PreparedX* const* px, const 
   (void)xq;  // read by the AVX2 and NEON loops
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
   __m512 v[R];
-  i = dot_vecs<R>(px, w, k, v);
+  i = dot_vecs<1, R>(px, w, k, k, v);
   for (int j = 0; j < R; ++j) sum[j] = _mm512_reduce_add_ps(v[j]);
 #elif defined(GEMMA3_AVX2)
   __m256 f[R];
@@ -373,12 +401,22 @@ inline void store16(vec::bf16* p, __m512 v, __mmask16 m) {  // rounded as c10::B
   _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(x));
 }
 
-template <int T, typename TW>
+template <int RR, int T, typename TW>
 inline void tokens_vecs(const std::vector<PreparedX>& px, int64_t t0, const TW* row, int64_t k, __m512* v) {
   const PreparedX* ps[T];
   for (int j = 0; j < T; ++j) ps[j] = &px[t0 + j];
-  dot_vecs<T>(ps, row, k, v);
+  dot_vecs<RR, T>(ps, row, k, k, v);
 }
+
+// int8 weights with several tokens: rows go 2 at a time against 4 tokens at a time, so each x vector loaded
+// serves both rows. One row against 8 tokens loaded an x vector for every vpdpwssd, and those loads, more than
+// the dot products, bounded the kernel (2-core EPYC, 8 tokens, alternating processes: 1.15-1.25x on the layers'
+// shapes and the head). bf16 weights keep one row: two rows measured the same on the layers' shapes and slower
+// on the head (15 against 13-14 ms), whose bf16 stream is twice as many bytes.
+template <typename TW>
+constexpr int64_t kRowBlock = 1;
+template <>
+constexpr int64_t kRowBlock<int8_t> = 2;
 
 // gemv_rows for k a multiple of 32 with a dot_vecs: rows taken 16 at a time, each row's vector sums kept, then
 // reduced, scaled and stored 16 rows at once (reduce16). Every token count, 1 included, runs this path, so a
@@ -394,17 +432,33 @@ void gemv_rows16(const std::vector<PreparedX>& px, int64_t tokens, const TW* w, 
     const __m512 sc = scales != nullptr ? _mm512_maskz_loadu_ps(mask, scales + rb) : _mm512_set1_ps(1.f);
     for (int64_t t = 0; t < tokens; t += kTokenGroup) {
       const int64_t g = std::min(kTokenGroup, tokens - t);
-      for (int64_t i = 0; i < 16; ++i) {
-        __m512 v[kTokenGroup];
+      for (int64_t i = 0; i < 16;) {
         const TW* row = w + (rb + i) * k;
         if (i >= rows) {
-          for (int64_t j = 0; j < g; ++j) v[j] = _mm512_setzero_ps();
-        } else {
-          if (tokens > 1 && rb + i + vec::kPrefetchRows < r1)
-            vec::prefetch_l2(row + vec::kPrefetchRows * k, k * static_cast<int64_t>(sizeof(TW)));
-          vec::with_token_count<kTokenGroup>(g, [&](auto c) { tokens_vecs<decltype(c)::value>(px, t, row, k, v); });
+          for (int64_t j = 0; j < g; ++j) acc[j][i] = _mm512_setzero_ps();
+          ++i;
+          continue;
         }
-        for (int64_t j = 0; j < g; ++j) acc[j][i] = v[j];
+        constexpr int64_t kRows = kRowBlock<TW>, kRowTokens = kTokenGroup / kRows;
+        const int64_t rr = g > 1 && i + kRows <= rows ? kRows : 1;
+        for (int64_t q = 0; q < rr && tokens > 1; ++q)
+          if (rb + i + q + vec::kPrefetchRows < r1)
+            vec::prefetch_l2(row + (q + vec::kPrefetchRows) * k, k * static_cast<int64_t>(sizeof(TW)));
+        if (rr == 1) {
+          __m512 v[kTokenGroup];
+          vec::with_token_count<kTokenGroup>(g, [&](auto c) { tokens_vecs<1, decltype(c)::value>(px, t, row, k, v); });
+          for (int64_t j = 0; j < g; ++j) acc[j][i] = v[j];
+        } else if constexpr (kRows > 1) {
+          for (int64_t s = 0; s < g; s += kRowTokens)
+            vec::with_token_count<kRowTokens>(std::min(kRowTokens, g - s), [&](auto c) {
+              constexpr int C = decltype(c)::value;
+              __m512 v[kRows * C];
+              tokens_vecs<kRows, C>(px, t + s, row, k, v);
+              for (int64_t q = 0; q < kRows; ++q)
+                for (int j = 0; j < C; ++j) acc[s + j][i + q] = v[q * C + j];
+            });
+        }
+        i += rr;
       }
       for (int64_t j = 0; j < g; ++j) {
         __m512 s = reduce16(acc[j]);
