@@ -398,20 +398,25 @@ def test_linear_prefill_int8_dequantizes_exactly(x_dtype, k):
 def test_linear_decode_16_row_blocks(threads, w_kind, n):
     """bf16 and int8 weights (k a multiple of 32) are reduced 16 rows at a time on AVX-512 builds, the last block
     of each thread's rows masked: every row is written, and no other (a stray lane would land in the next token's
-    first rows), for 1-8 tokens and any thread count."""
+    first rows), for 1-8 tokens and any thread count. int8 rows go in pairs against up to 4 tokens (an odd row
+    count leaves one alone, 5 and 7 tokens leave a short group): each token's outputs are still exactly its
+    batch-1 ones. k = 96 has a 32-weight step after the 64-weight ones."""
     from gemma3_fast.quantize import quantize_int8
 
     old = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
-        w32 = randn(n, 64, seed=1) * 0.125
-        w, scales = quantize_int8(w32) if w_kind == "int8" else (w32.bfloat16(), None)
-        for x_dtype in DTYPES:
-            for tokens in (1, 3, 8):
-                x = randn(tokens, 64, dtype=x_dtype, scale=2)
-                out = ext.linear(x, w, scales)
-                r32 = ref.linear(x.float(), w.float() if scales is None else w, scales)
-                torch.testing.assert_close(out.float(), r32, atol=2e-2, rtol=1e-2)
+        for k in (64, 96):
+            w32 = randn(n, k, seed=1) * 0.125
+            w, scales = quantize_int8(w32) if w_kind == "int8" else (w32.bfloat16(), None)
+            for x_dtype in DTYPES:
+                for tokens in (1, 3, 5, 7, 8):
+                    x = randn(tokens, k, dtype=x_dtype, scale=2)
+                    out = ext.linear(x, w, scales)
+                    r32 = ref.linear(x.float(), w.float() if scales is None else w, scales)
+                    torch.testing.assert_close(out.float(), r32, atol=2e-2, rtol=1e-2)
+                    for t in range(tokens):
+                        assert torch.equal(out[t:t + 1], ext.linear(x[t:t + 1], w, scales)), (k, tokens, t)
     finally:
         torch.set_num_threads(old)
 
