@@ -43,7 +43,8 @@ TORCH_LIBRARY(gemma3_fast, m) {
         "Tensor(b!)[] v_caches, Tensor[] weights, Tensor?[] scales, Tensor[] norms, int[] windows, bool[] ring, "
         "int num_heads, float scale, float eps, bool write_cache) -> (Tensor, Tensor)");
   // The whole forward (reference_ops.decoder_forward is its specification): the embedding rows of ids times
-  // embed_scale, the first block's input norm, the RoPE tables of both bases at positions, decoder_layers, the
+  // embed_scale (an int8 embed_weight is the tied int8 head: its rows times head_scales, in first_norm's dtype),
+  // the first block's input norm, the RoPE tables of both bases at positions, decoder_layers, the
   // output head. Logits [T, vocab], or [1, vocab] for the last position unless all_logits.
   m.def("decoder_forward(Tensor ids, Tensor positions, Tensor embed_weight, float embed_scale, Tensor first_norm, "
         "Tensor inv_freq_local, Tensor inv_freq_global, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, "

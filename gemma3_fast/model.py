@@ -121,8 +121,10 @@ class Gemma3Model(nn.Module):
         self.ops = ops_module.resolve_backend(backend, "cpu")
 
     def tie_weights(self) -> None:
-        if self.lm_head.scales is None:  # an int8 head keeps its own weight; the embedding stays for lookups
+        if self.lm_head.scales is None:
             self.lm_head.weight = self.embed_tokens.weight
+        else:  # int8: the lookup reads the quantized head's rows (times its scales), no second, bf16 table
+            self.embed_tokens.weight = self.lm_head.weight
 
     def set_backend(self, backend: str) -> None:
         self.backend = backend
@@ -134,8 +136,11 @@ class Gemma3Model(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        """The activations' (and KV cache's) dtype: the weights', or fp32 for GGUF block weights."""
+        """The activations' (and KV cache's) dtype: the weights', the norms' for an int8 model (its embedding is the
+        int8 head), or fp32 for GGUF block weights."""
         dtype = self.embed_tokens.weight.dtype
+        if dtype == torch.int8:
+            return self.final_norm.dtype
         return dtype if dtype.is_floating_point else torch.float32
 
     @property
@@ -190,6 +195,11 @@ class Gemma3Model(nn.Module):
         has its own positions from 0 and attends only to itself, so its outputs are the ones it gets alone."""
         if input_ids.dim() != 2:
             raise ValueError(f"hidden_states takes token ids [batch, tokens], got shape {tuple(input_ids.shape)}")
+        if self.lm_head.scales is not None:
+            raise ValueError("an int8-quantized model cannot be trained: load it without --quantize")
+        if self.gguf_blocks:
+            raise ValueError("a model on GGUF block weights cannot be trained: load the GGUF dequantized, with "
+                             "dtype float32 (--dtype float32)")
         c = self.config
         if seq_lens is not None:
             if input_ids.shape[0] != 1 or sum(seq_lens) != input_ids.shape[1] or min(seq_lens, default=0) < 1:
@@ -235,11 +245,6 @@ class Gemma3Model(nn.Module):
         if targets.shape != input_ids.shape:
             raise ValueError(f"targets {tuple(targets.shape)} must have the shape of input_ids "
                              f"{tuple(input_ids.shape)}")
-        if self.lm_head.scales is not None:
-            raise ValueError("an int8-quantized model cannot be trained: load it without --quantize")
-        if self.gguf_blocks:
-            raise ValueError("a model on GGUF block weights cannot be trained: load the GGUF dequantized, with "
-                             "dtype float32 (--dtype float32)")
         ops = ops or ops_module.training_ops(self.backend, self.device)
         tied = TiedWeightGrad() if self.lm_head.weight is self.embed_tokens.weight else None
         y = self.hidden_states(input_ids, ops, compute_dtype, tied, seq_lens).flatten(0, 1)

@@ -162,18 +162,23 @@ if EXTENSION_AVAILABLE:
           write_cache):
         return torch.empty_like(h), torch.empty_like(h)
 
+    def _activation_dtype(embed_weight, first_norm):  # GGUF blocks: fp32; the int8 head as table: the norms'
+        if embed_weight.is_floating_point():
+            return embed_weight.dtype
+        return first_norm.dtype if embed_weight.dtype == torch.int8 else torch.float32
+
     @torch.library.register_fake(_lib + "decoder_forward")
     def _(ids, positions, embed_weight, embed_scale, first_norm, inv_freq_local, inv_freq_global, k_caches, v_caches,
           weights, scales, norms, windows, ring, head_weight, head_scales, num_heads, scale, eps, write_cache,
           all_logits):
-        dtype = embed_weight.dtype if embed_weight.is_floating_point() else torch.float32  # GGUF blocks: fp32
-        return embed_weight.new_empty((ids.shape[0] if all_logits else 1, head_weight.shape[0]), dtype=dtype)
+        return embed_weight.new_empty((ids.shape[0] if all_logits else 1, head_weight.shape[0]),
+                                      dtype=_activation_dtype(embed_weight, first_norm))
 
     @torch.library.register_fake(_lib + "decoder_forward_batched")
     def _(ids, positions, embed_weight, embed_scale, first_norm, inv_freq_local, inv_freq_global, k_caches, v_caches,
           weights, scales, norms, windows, ring, head_weight, head_scales, num_heads, scale, eps):
-        dtype = embed_weight.dtype if embed_weight.is_floating_point() else torch.float32
-        return embed_weight.new_empty((ids.shape[0], head_weight.shape[0]), dtype=dtype)
+        return embed_weight.new_empty((ids.shape[0], head_weight.shape[0]),
+                                      dtype=_activation_dtype(embed_weight, first_norm))
 
     # Devices with no compiled kernel (Apple's MPS) run the reference through the same op.
     for _name in OP_NAMES:

@@ -251,9 +251,15 @@ def decoder_forward(ids: torch.Tensor, positions: torch.Tensor, embed_weight: to
     """The whole model on token ids [T] at absolute positions [T]: embedding rows times embed_scale (sqrt(hidden)
     rounded to the weight dtype), the first block's input norm, RoPE tables for the local and global bases,
     decoder_layers (sliding layers take the local tables), the output head. Returns logits [T, vocab], or the
-    last position's [1, vocab] unless all_logits."""
+    last position's [1, vocab] unless all_logits. An int8 embed_weight is the tied int8 head: its rows times
+    head_scales (fp32), rounded once to first_norm's dtype, the activations'."""
     if gguf_blocks.is_blocks(embed_weight):  # only the rows looked up are dequantized
         h = dequantize(embed_weight[ids]) * embed_scale
+    elif embed_weight.dtype == torch.int8:
+        if head_scales is None:
+            raise ValueError("an int8 embed_weight is the tied int8 head and is looked up with head_scales, "
+                             "but head_scales is None")
+        h = (embed_weight[ids].float() * head_scales[ids, None] * embed_scale).to(first_norm.dtype)
     else:
         h = F.embedding(ids, embed_weight) * embed_scale
     y = rms_norm(h, first_norm, eps)

@@ -12,7 +12,7 @@ from torch import nn
 from .config import Gemma3Config
 from .gguf_blocks import concat_rows, dequantize, in_features, is_blocks
 from .huge_pages import enabled as huge_pages_enabled
-from .huge_pages import huge_page_buffer, place_on_huge_pages
+from .huge_pages import huge_page_buffer, place_on_huge_pages, release_freed_memory
 from .model import Gemma3Model, Linear
 
 SUPPORTED_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -79,9 +79,10 @@ def build_model(config: Gemma3Config, get_tensor: Callable[..., torch.Tensor], n
                 backend: str = "auto", quantize: str = "none") -> Gemma3Model:
     """Assemble a model from checkpoint tensors (HF names), reading each once via `get_tensor(name)`.
 
-    quantize="int8" quantizes each linear weight (and a copy of the embedding as the output head) as soon as it
-    is read, so the full-precision model never exists in memory at once."""
-    from .quantize import QUANT_MODES, quantize_int8
+    quantize="int8" quantizes each linear weight, and the embedding as the tied output head, as soon as it is read,
+    so the full-precision model never exists in memory at once; the int8 head then serves the embedding lookups
+    too (its rows times their scales)."""
+    from .quantize import QUANT_MODES, QUANT_ROWS, quantize_int8
 
     if quantize not in QUANT_MODES:
         raise ValueError(f"quantize must be one of {QUANT_MODES}, got {quantize!r}")
@@ -112,19 +113,49 @@ def build_model(config: Gemma3Config, get_tensor: Callable[..., torch.Tensor], n
             raise WeightsError(f"{source}: tensor {index[short]!r} has dtype {t.dtype}, expected a float type")
         return t.to(dtype)
 
-    # The embedding (the largest tensor: 671 MB in fp32) read straight onto huge pages: copied there afterwards,
-    # like the others, it and its copy would both be in memory at the peak of loading.
-    embed_out = None
-    if getattr(get_tensor, "reads_into", False) and torch.device(device).type == "cpu" and huge_pages_enabled():
-        shape = shapes["embed_tokens.weight"]
-        embed_out = huge_page_buffer(shape[0] * shape[1] * dtype.itemsize).view(dtype).view(shape)
-    state = {"embed_tokens.weight": load("embed_tokens.weight", embed_out), "final_norm": load("norm.weight")}
+    # The embedding (the largest tensor: 671 MB in fp32), or the int8 head made of it, written straight onto huge
+    # pages: copied there afterwards, like the others, it and its copy would both be in memory at the peak of
+    # loading. `placed`: the data pointers already there.
+    placed: set[int] = set()
+    direct = getattr(get_tensor, "reads_into", False) and torch.device(device).type == "cpu" and huge_pages_enabled()
 
-    def put_linear(name: str, weight: torch.Tensor) -> None:
-        if quantize == "int8":
-            state[name + ".weight"], state[name + ".scales"] = quantize_int8(weight)
+    def new_big(shape: tuple[int, int], dt: torch.dtype) -> torch.Tensor:
+        if not direct:
+            return torch.empty(shape, dtype=dt)
+        t = huge_page_buffer(shape[0] * shape[1] * dt.itemsize).view(dt).view(shape)
+        placed.add(t.data_ptr())
+        return t
+
+    def quantized_as_read(short: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """quantize_int8 of the tensor, read and quantized QUANT_ROWS at a time: the same values as quantizing it
+        whole, without its full-precision copy (the bf16 embedding, 335 MB, was the peak of an int8 load)."""
+        name, shape = index[short], tuple(get_tensor.shape_of(index[short]))
+        if shape != shapes[short]:
+            raise WeightsError(f"{source}: tensor {name!r} has shape {shape}, but config.json implies "
+                               f"{shapes[short]}")
+        q, scales = new_big(shape, torch.int8), torch.empty(shape[0])
+        for a in range(0, shape[0], QUANT_ROWS):
+            part = get_tensor(name, dtype, rows=(a, min(a + QUANT_ROWS, shape[0])))
+            if not part.is_floating_point():
+                raise WeightsError(f"{source}: tensor {name!r} has dtype {part.dtype}, expected a float type")
+            q[a:a + QUANT_ROWS], scales[a:a + QUANT_ROWS] = quantize_int8(part.to(dtype))
+        return q, scales
+
+    state: dict[str, torch.Tensor] = {}
+    if quantize == "int8" and getattr(get_tensor, "shape_of", None) is not None:  # a reader by rows
+        head, scales = quantized_as_read("embed_tokens.weight")  # the int8 head: the lookups' table too
+        state.update({"embed_tokens.weight": head, "lm_head.weight": head, "lm_head.scales": scales})
+    else:
+        on_pages = direct and quantize != "int8"  # not a table that is quantized and dropped
+        state["embed_tokens.weight"] = load("embed_tokens.weight",
+                                            new_big(shapes["embed_tokens.weight"], dtype) if on_pages else None)
+        if quantize == "int8":  # the tied head, quantized; it is the lookups' table too
+            state["lm_head.weight"], state["lm_head.scales"] = quantize_int8(state["embed_tokens.weight"])
+            state["embed_tokens.weight"] = state["lm_head.weight"]
         else:
-            state[name + ".weight"] = weight
+            state["lm_head.weight"] = state["embed_tokens.weight"]
+    state["final_norm"] = load("norm.weight")
+    release_freed_memory()
 
     release = getattr(get_tensor, "release", None)  # a GGUF mapping: drop the pages of what was copied out
 
@@ -137,15 +168,27 @@ def build_model(config: Gemma3Config, get_tensor: Callable[..., torch.Tensor], n
             release(t)
         return out
 
-    put_linear("lm_head", state["embed_tokens.weight"])  # tied; int8 makes its own copy, the lookup keeps dtype
+    def put_linear(name: str, shorts: list[str]) -> None:
+        """The projection `name`: the tensors `shorts` one above the other (q|k|v, gate|up fused by rows)."""
+        if quantize != "int8":
+            state[name + ".weight"] = cat([load(x) for x in shorts]) if len(shorts) > 1 else load(shorts[0])
+            return
+        parts = []
+        for x in shorts:  # each quantized as it is read (per-row scales: the same as quantizing them fused),
+            parts.append(quantize_int8(load(x)))
+            release_freed_memory()  # and its temporaries handed back at once: they were an int8 load's peak
+        state[name + ".weight"] = torch.cat([q for q, _ in parts])
+        state[name + ".scales"] = torch.cat([sc for _, sc in parts])
+
     for i in range(config.num_hidden_layers):
         p = f"layers.{i}."
-        put_linear(p + "qkv_proj", cat([load(p + f"self_attn.{x}_proj.weight") for x in "qkv"]))
-        put_linear(p + "o_proj", load(p + "self_attn.o_proj.weight"))
-        put_linear(p + "gate_up_proj", cat([load(p + "mlp.gate_proj.weight"), load(p + "mlp.up_proj.weight")]))
-        put_linear(p + "down_proj", load(p + "mlp.down_proj.weight"))
+        put_linear(p + "qkv_proj", [p + f"self_attn.{x}_proj.weight" for x in "qkv"])
+        put_linear(p + "o_proj", [p + "self_attn.o_proj.weight"])
+        put_linear(p + "gate_up_proj", [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"])
+        put_linear(p + "down_proj", [p + "mlp.down_proj.weight"])
         for suffix, ours in _BLOCK_NORMS.items():
             state[p + ours] = load(p + suffix)
+        release_freed_memory()  # a layer's temporaries: left to the heap they piled up, +300 MB in some loads
 
     with torch.device("meta"):
         model = Gemma3Model(config, backend="reference")
@@ -163,8 +206,7 @@ def build_model(config: Gemma3Config, get_tensor: Callable[..., torch.Tensor], n
     model.tie_weights()
     model = model.to(device)
     if model.device.type == "cpu":  # GGUF blocks too: the head's decode 1.10-1.14x faster than from the mapping
-        place_on_huge_pages(model, after_copy=release,
-                            skip={embed_out.data_ptr()} if embed_out is not None else ())
+        place_on_huge_pages(model, after_copy=release, skip=placed)
     model.set_backend(backend)
     return model.eval().requires_grad_(False)
 
@@ -254,9 +296,17 @@ def open_safetensors_folder(folder: Path):
                                    "bytes: truncated or corrupt")
             owner[name] = (f, dtype, shape, data_start + begin)
 
-    def get_tensor(name: str, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-        """out: where to put it (its shape, of dtype), e.g. memory on huge pages, so that it is not copied again."""
+    def get_tensor(name: str, dtype: torch.dtype | None = None, out: torch.Tensor | None = None,
+                   rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """out: where to put it (its shape, of dtype), e.g. memory on huge pages, so that it is not copied again.
+        rows=(a, b): only rows [a, b) of a 2-D tensor (the int8 loader quantizes the embedding as it reads it)."""
         f, stored, shape, offset = owner[name]
+        if rows is not None:
+            a, b = rows
+            if len(shape) != 2 or not 0 <= a <= b <= shape[0]:
+                raise WeightsError(f"{f}: rows [{a}, {b}) of tensor {name!r} {list(shape)} do not exist")
+            offset += a * shape[1] * (torch.finfo(stored).bits if stored.is_floating_point else 8) // 8
+            shape = (b - a, shape[1])
         if dtype is None or not stored.is_floating_point:  # non-float tensors stay as they are (and are refused)
             dtype = stored
         if out is None or out.shape != shape or out.dtype != dtype:
@@ -277,4 +327,5 @@ def open_safetensors_folder(folder: Path):
         return out
 
     get_tensor.reads_into = True
+    get_tensor.shape_of = lambda name: owner[name][2]  # reading by rows: the whole tensor's shape
     return list(owner), get_tensor

@@ -144,7 +144,32 @@ def test_safetensors_read_tensor_by_tensor_and_truncation_named(tmp_path):
     name = "model.layers.0.mlp.down_proj.weight"
     full = get_tensor(name)
     assert full.dtype == torch.float32 and torch.equal(get_tensor(name, torch.bfloat16), full.bfloat16())
+    # by rows (the int8 loader reads the embedding so): rows [a, b) of the tensor, any range; others refused
+    assert get_tensor.shape_of(name) == tuple(full.shape)
+    for a, b in ((0, 1), (3, 17), (0, full.shape[0]), (full.shape[0], full.shape[0])):
+        assert torch.equal(get_tensor(name, torch.bfloat16, rows=(a, b)), full[a:b].bfloat16())
+    for rows in ((-1, 2), (5, 3), (0, full.shape[0] + 1)):
+        with pytest.raises(WeightsError, match=r"rows \[.*\) of tensor 'model.layers.0.mlp.down_proj.weight'"):
+            get_tensor(name, rows=rows)
     data = (folder / "model.safetensors").read_bytes()
     (folder / "model.safetensors").write_bytes(data[:-100])
     with pytest.raises(WeightsError, match=r"model.safetensors: tensor '.*' \(F32 \[.*\]\) needs bytes .* truncated"):
         load_model_and_tokenizer(folder, "float32", "cpu")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_int8_load_quantizes_as_read_with_the_values_of_a_whole_quantization(tiny_folder, dtype):
+    """--quantize int8 quantizes the embedding as it reads it (by rows) and each fused projection part by part:
+    the same int8 values and scales as quantize_int8 of the whole full-precision tensors, and the int8 head is the
+    lookups' table."""
+    from gemma3_fast.quantize import quantize_int8
+
+    full = load_model_and_tokenizer(tiny_folder, dtype, "cpu", "reference")[0]
+    q = load_model_and_tokenizer(tiny_folder, dtype, "cpu", "reference", quantize="int8")[0]
+    assert q.embed_tokens.weight is q.lm_head.weight and q.dtype == getattr(torch, dtype)
+    pairs = [(q.lm_head, full.embed_tokens.weight)] + [
+        (getattr(qb, n), getattr(fb, n).weight) for qb, fb in zip(q.layers, full.layers)
+        for n in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")]
+    for linear, weight in pairs:
+        want_q, want_s = quantize_int8(weight)
+        assert torch.equal(linear.weight, want_q) and torch.equal(linear.scales, want_s)

@@ -238,6 +238,20 @@ def tiny_gguf(tmp_path_factory):
 
 
 @needs_ext
+def test_tiny_gguf_quantized_to_int8_reads_its_head_for_lookups(tiny_gguf):
+    """A GGUF with --quantize int8 (dequantized, then quantized; no reading by rows there): the int8 head is the
+    lookups' table, and the model runs close to the dequantized one."""
+    dense = load_model_and_tokenizer(tiny_gguf, "float32", "cpu", "extension")[0]
+    q = load_model_and_tokenizer(tiny_gguf, "float32", "cpu", "extension", quantize="int8")[0]
+    assert q.embed_tokens.weight is q.lm_head.weight and q.embed_tokens.weight.dtype == torch.int8
+    ids = torch.tensor([2, 17, 45, 99, 3, 250, 7, 7, 120, 64, 11, 5])
+    with torch.inference_mode():
+        want = dense(ids, torch.arange(len(ids)), None, all_logits=True)
+        got = q(ids, torch.arange(len(ids)), None, all_logits=True)
+    assert (got - want).abs().max().item() <= 0.1 * want.abs().max().item()
+
+
+@needs_ext
 def test_tiny_gguf_runs_natively_and_matches_dequantized(tiny_gguf):
     native, tok = load_model_and_tokenizer(tiny_gguf, "auto", "cpu", "extension")
     assert native.gguf_blocks and native.dtype == torch.float32

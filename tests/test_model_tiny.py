@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gemma3_fast import ops
+from gemma3_fast import ops, reference_ops
 from gemma3_fast.loading import load_model_and_tokenizer
 from tests.conftest import TINY_WINDOW
 
@@ -180,13 +180,16 @@ def test_torch_compile_fullgraph_decode_step(tiny_folder):
 @pytest.mark.skipif(not ops.EXTENSION_AVAILABLE, reason="compiled extension not built")
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_int8_model_extension_matches_reference(tiny_folder, dtype):
-    """--quantize int8: every linear and the head become int8 + scales; both backends agree, and the result
+    """--quantize int8: every linear and the head become int8 + scales, and the int8 head is the embedding table
+    too (no full-precision copy left); activations stay in the model dtype; both backends agree, and the result
     stays close to the unquantized model."""
     ext, _ = load_model_and_tokenizer(tiny_folder, dtype, "cpu", "extension", quantize="int8")
     ref, _ = load_model_and_tokenizer(tiny_folder, dtype, "cpu", "reference", quantize="int8")
     full = load_tiny(tiny_folder, "reference", dtype)
     assert ext.lm_head.weight.dtype == torch.int8 and ext.layers[0].qkv_proj.weight.dtype == torch.int8
-    assert ext.embed_tokens.weight.dtype == getattr(torch, dtype)
+    assert ext.embed_tokens.weight is ext.lm_head.weight and ext.dtype == getattr(torch, dtype)
+    vocab_rows = ext.config.vocab_size * ext.config.hidden_size
+    assert all(p.numel() < vocab_rows for p in ext.parameters() if p.dtype != torch.int8)
     ids = prompt()
     a = ext.prefill(ids, ext.new_cache(N), 4, all_logits=True).float()
     b = ref.prefill(ids, ref.new_cache(N), 4, all_logits=True).float()
@@ -194,6 +197,39 @@ def test_int8_model_extension_matches_reference(tiny_folder, dtype):
     scale = c.abs().max().item()
     assert (a - b).abs().max().item() <= (0.02 if dtype == "float32" else 0.1) * scale
     assert (a - c).abs().max().item() <= 0.1 * scale
+
+
+@pytest.mark.skipif(not ops.EXTENSION_AVAILABLE, reason="compiled extension not built")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_int8_embedding_lookup_matches_reference(tiny_folder, dtype):
+    """The int8 table's lookup: the kernel's first-layer input is the reference's (row times its scale times
+    embed_scale, rounded once), seen through the all-logits forward, the batched step and the decode session;
+    head_scales missing is a clear error in both."""
+    model, _ = load_model_and_tokenizer(tiny_folder, dtype, "cpu", "extension", quantize="int8")
+    ids = prompt()
+    pos = torch.arange(len(ids))
+    with torch.inference_mode():
+        a = model(ids, pos, None, all_logits=True)
+        model.set_backend("reference")
+        b = model(ids, pos, None, all_logits=True)
+        model.set_backend("extension")
+    assert a.dtype == b.dtype == getattr(torch, dtype)
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    torch.testing.assert_close(a.float(), b.float(), atol=tol * b.abs().max().item(), rtol=0)
+    tol = 1e-4 if dtype == "float32" else 2e-2  # one-token steps: the int8 kernel's int16 activations
+    caches = [model.new_cache(N) for _ in range(2)]
+    with torch.inference_mode():
+        step = model.batched_session(caches).logits([int(ids[0]), int(ids[1])], [0, 1])
+    torch.testing.assert_close(step[0].float(), b[0].float(), atol=tol * b.abs().max().item(), rtol=0)
+    with torch.inference_mode():
+        first = model.decode_session(model.new_cache(N)).logits(int(ids[0]))
+    torch.testing.assert_close(first.reshape(-1).float(), b[0].float(), atol=tol * b.abs().max().item(), rtol=0)
+    args = (ids, pos, model.embed_tokens.weight, model.embed_scale(), model.layers[0].input_norm,
+            model.inv_freq_local, model.inv_freq_global, [], [], [], [], [], [], [], model.lm_head.weight, None, 4,
+            1.0, 1e-6, False, False)
+    for fn in (torch.ops.gemma3_fast.decoder_forward, reference_ops.decoder_forward):
+        with pytest.raises((RuntimeError, ValueError), match="head_scales"):
+            fn(*args)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -67,10 +67,9 @@ at::Tensor DecodeSession::hidden(int64_t token, int64_t position, int64_t slot) 
   const auto layers = [&](const std::vector<at::Tensor>& caches) {
     return at::TensorList(caches).slice(slot * num_layers_, num_layers_);
   };
-  return decoder_hidden_cpu(ids_, positions_, embed_weight_, embed_scale_, first_norm_, inv_freq_local_,
-                            inv_freq_global_, layers(k_caches_), layers(v_caches_), weights_, scales_, norms_,
-                            windows_, ring_,
-                            num_heads_, scale_, eps_, /*write_cache=*/true,
+  return decoder_hidden_cpu(ids_, positions_, embed_weight_, head_scales_, embed_scale_, first_norm_,
+                            inv_freq_local_, inv_freq_global_, layers(k_caches_), layers(v_caches_), weights_,
+                            scales_, norms_, windows_, ring_, num_heads_, scale_, eps_, /*write_cache=*/true,
                             /*last_token_only=*/false);
 }
 
@@ -119,9 +118,9 @@ at::Tensor DecodeSession::logits_batch(const std::vector<int64_t>& tokens, const
     }
   }
   const at::Tensor ids = at::tensor(tokens, at::kLong), pos = at::tensor(positions, at::kLong);
-  const at::Tensor y = decoder_hidden_batched_cpu(ids, pos, embed_weight_, embed_scale_, first_norm_,
-                                                  inv_freq_local_, inv_freq_global_, k, v, weights_, scales_, norms_,
-                                                  windows_, ring_, num_heads_, scale_, eps_);
+  const at::Tensor y = decoder_hidden_batched_cpu(ids, pos, embed_weight_, head_scales_, embed_scale_,
+                                                  first_norm_, inv_freq_local_, inv_freq_global_, k, v, weights_,
+                                                  scales_, norms_, windows_, ring_, num_heads_, scale_, eps_);
   return batched_head_cpu(y, head_weight_, head_scales_);
 }
 

@@ -267,18 +267,31 @@ struct StepInputs {
   std::vector<at::Tensor> rope;
 };
 
+// embed_scales: the per-row scales of an int8 embed_weight (the tied int8 head, looked up in place of a second,
+// bf16 copy of the table); ignored for the other weight kinds.
 StepInputs step_inputs(const at::Tensor& ids, const at::Tensor& positions, const at::Tensor& embed_weight,
-                       double embed_scale, const at::Tensor& first_norm, const at::Tensor& inv_freq_local,
-                       const at::Tensor& inv_freq_global, at::IntArrayRef windows, double eps) {
+                       const std::optional<at::Tensor>& embed_scales, double embed_scale, const at::Tensor& first_norm,
+                       const at::Tensor& inv_freq_local, const at::Tensor& inv_freq_global, at::IntArrayRef windows,
+                       double eps) {
   TORCH_CHECK(ids.scalar_type() == at::kLong && ids.dim() == 1 && ids.numel() > 0, "gemma3_fast: ids must be a "
               "non-empty int64 tensor [tokens], got ", ids.scalar_type(), " of shape ", ids.sizes());
   check_contiguous(ids, "ids");
   const bool blocks = gguf::is_block_weight(embed_weight);  // GGUF blocks: rows dequantized, fp32 activations
+  const bool int8 = embed_weight.scalar_type() == at::kChar;  // rows times their scale, in first_norm's dtype
   if (blocks) {
     gguf::block_format(embed_weight, "embed_weight");
   } else {
     check_dim(embed_weight, 2, "embed_weight", "[vocab, hidden]");
-    check_float_tensor(embed_weight, "embed_weight");
+    if (!int8) check_float_tensor(embed_weight, "embed_weight");
+  }
+  if (int8) {
+    TORCH_CHECK(embed_scales.has_value(), "gemma3_fast: an int8 embed_weight is the tied int8 head and is looked up ",
+                "with head_scales, but head_scales is None");
+    TORCH_CHECK(embed_scales->scalar_type() == at::kFloat, "gemma3_fast: head_scales must be float32, got ",
+                embed_scales->scalar_type());
+    check_shape(*embed_scales, {embed_weight.size(0)}, "head_scales (the int8 embed_weight's scales)");
+    check_contiguous(*embed_scales, "head_scales");
+    check_float_tensor(first_norm, "first_norm");
   }
   check_same_device(ids, embed_weight, "ids");
   const int64_t vocab = embed_weight.size(0);
@@ -297,10 +310,22 @@ StepInputs step_inputs(const at::Tensor& ids, const at::Tensor& positions, const
   // Loops instead of ATen calls here: at decode each call cost 5-40 us, its code and data evicted by the weights
   // streaming past between steps (embedding + mul_ took 82 us, the ten ops of the RoPE tables 48).
   // h = embedding rows x embed_scale, rounded once to the weight dtype, as embedding(...).mul_(embed_scale) does.
+  // int8 rows: (q * row scale) * embed_scale in fp32, rounded once to first_norm's dtype (the activations').
   const int64_t t = ids.numel(), hidden = gguf::in_features(embed_weight);
   check_contiguous(embed_weight, "embed_weight");
-  at::Tensor h = at::empty({t, hidden}, embed_weight.options().dtype(blocks ? at::kFloat : embed_weight.scalar_type()));
+  const at::ScalarType h_type = blocks ? at::kFloat : int8 ? first_norm.scalar_type() : embed_weight.scalar_type();
+  at::Tensor h = at::empty({t, hidden}, embed_weight.options().dtype(h_type));
   if (blocks) block_embedding_rows(embed_weight, id, t, static_cast<float>(embed_scale), h.data_ptr<float>());
+  else if (int8) dispatch_float_bf16(h_type, [&](auto tag) {
+    using T = decltype(tag);
+    const int8_t* e = embed_weight.data_ptr<int8_t>();
+    const float* rs = embed_scales->data_ptr<float>();
+    T* out = h.data_ptr<T>();
+    const float s = static_cast<float>(embed_scale);
+    for (int64_t i = 0; i < t; ++i)
+      for (int64_t j = 0; j < hidden; ++j)
+        out[i * hidden + j] = vec::from_f32<T>(static_cast<float>(e[id[i] * hidden + j]) * rs[id[i]] * s);
+  });
   else dispatch_float_bf16(embed_weight.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const T* e = embed_weight.data_ptr<T>();
@@ -348,13 +373,14 @@ StepInputs step_inputs(const at::Tensor& ids, const at::Tensor& positions, const
 // streaming past evict the interpreter's and the dispatcher's code and data from every cache, so a call that
 // takes 2-5 us in a warm loop costs several times that once per step.
 at::Tensor decoder_hidden_cpu(const at::Tensor& ids, const at::Tensor& positions, const at::Tensor& embed_weight,
-                              double embed_scale, const at::Tensor& first_norm, const at::Tensor& inv_freq_local,
+                              const std::optional<at::Tensor>& embed_scales, double embed_scale,
+                              const at::Tensor& first_norm, const at::Tensor& inv_freq_local,
                               const at::Tensor& inv_freq_global, at::TensorList k_caches, at::TensorList v_caches,
                               at::TensorList weights, const c10::List<std::optional<at::Tensor>>& scales,
                               at::TensorList norms, at::IntArrayRef windows, const c10::List<bool>& ring,
                               int64_t num_heads, double scale, double eps, bool write_cache, bool last_token_only) {
-  const StepInputs in = step_inputs(ids, positions, embed_weight, embed_scale, first_norm, inv_freq_local,
-                                    inv_freq_global, windows, eps);
+  const StepInputs in = step_inputs(ids, positions, embed_weight, embed_scales, embed_scale, first_norm,
+                                    inv_freq_local, inv_freq_global, windows, eps);
   return std::get<1>(decoder_blocks(in.h, in.y, positions, in.rope, k_caches, v_caches, weights, scales, norms,
                                     windows, ring, num_heads, scale, eps, write_cache, last_token_only));
 }
@@ -362,7 +388,8 @@ at::Tensor decoder_hidden_cpu(const at::Tensor& ids, const at::Tensor& positions
 // One decode step of B sequences (decoder_forward_batched without the head): ids[b] at positions[b], sequence b's
 // caches k_caches[b * L + i] for layer i of L. Returns the final-normed hidden states [B, hidden].
 at::Tensor decoder_hidden_batched_cpu(const at::Tensor& ids, const at::Tensor& positions,
-                                      const at::Tensor& embed_weight, double embed_scale, const at::Tensor& first_norm,
+                                      const at::Tensor& embed_weight, const std::optional<at::Tensor>& embed_scales,
+                                      double embed_scale, const at::Tensor& first_norm,
                                       const at::Tensor& inv_freq_local, const at::Tensor& inv_freq_global,
                                       at::TensorList k_caches, at::TensorList v_caches, at::TensorList weights,
                                       const c10::List<std::optional<at::Tensor>>& scales, at::TensorList norms,
@@ -377,8 +404,8 @@ at::Tensor decoder_hidden_batched_cpu(const at::Tensor& ids, const at::Tensor& p
   TORCH_CHECK(k_caches.size() == b * n && v_caches.size() == b * n, "gemma3_fast: decoder_forward_batched takes ",
               "one k_cache and one v_cache per sequence and layer (sequence b's layer i at b * layers + i): ", b,
               " sequences x ", n, " layers need ", b * n, ", got ", k_caches.size(), " and ", v_caches.size());
-  const StepInputs in = step_inputs(ids, positions, embed_weight, embed_scale, first_norm, inv_freq_local,
-                                    inv_freq_global, windows, eps);
+  const StepInputs in = step_inputs(ids, positions, embed_weight, embed_scales, embed_scale, first_norm,
+                                    inv_freq_local, inv_freq_global, windows, eps);
   at::Tensor h = in.h, y = in.y;
   std::vector<at::Tensor> k(b), v(b);
   for (size_t i = 0; i < n; ++i) {
@@ -419,9 +446,9 @@ at::Tensor decoder_forward_batched_cpu(const at::Tensor& ids, const at::Tensor& 
                                        at::IntArrayRef windows, const c10::List<bool>& ring,
                                        const at::Tensor& head_weight, const std::optional<at::Tensor>& head_scales,
                                        int64_t num_heads, double scale, double eps) {
-  const at::Tensor y = decoder_hidden_batched_cpu(ids, positions, embed_weight, embed_scale, first_norm,
-                                                  inv_freq_local, inv_freq_global, k_caches, v_caches, weights,
-                                                  scales, norms, windows, ring, num_heads, scale, eps);
+  const at::Tensor y = decoder_hidden_batched_cpu(ids, positions, embed_weight, head_scales, embed_scale,
+                                                  first_norm, inv_freq_local, inv_freq_global, k_caches, v_caches,
+                                                  weights, scales, norms, windows, ring, num_heads, scale, eps);
   return batched_head_cpu(y, head_weight, head_scales);
 }
 
@@ -432,9 +459,9 @@ at::Tensor decoder_forward_cpu(const at::Tensor& ids, const at::Tensor& position
                                at::TensorList norms, at::IntArrayRef windows, const c10::List<bool>& ring,
                                const at::Tensor& head_weight, const std::optional<at::Tensor>& head_scales,
                                int64_t num_heads, double scale, double eps, bool write_cache, bool all_logits) {
-  const at::Tensor y_out = decoder_hidden_cpu(ids, positions, embed_weight, embed_scale, first_norm, inv_freq_local,
-                                              inv_freq_global, k_caches, v_caches, weights, scales, norms, windows,
-                                              ring, num_heads, scale, eps, write_cache, !all_logits);
+  const at::Tensor y_out = decoder_hidden_cpu(ids, positions, embed_weight, head_scales, embed_scale, first_norm,
+                                              inv_freq_local, inv_freq_global, k_caches, v_caches, weights, scales,
+                                              norms, windows, ring, num_heads, scale, eps, write_cache, !all_logits);
   try {
     return linear_cpu(all_logits ? y_out : y_out.narrow(0, y_out.size(0) - 1, 1), head_weight, head_scales);
   } catch (const c10::Error& e) {

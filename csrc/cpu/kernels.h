@@ -45,7 +45,8 @@ int64_t linear_argmax_cpu(const at::Tensor& x, const at::Tensor& weight, const s
 // decoder_forward up to the head: the last block's output (final norm applied) [T, hidden], or with
 // last_token_only [1, hidden], the last token's (the last block may then skip the other tokens' work).
 at::Tensor decoder_hidden_cpu(const at::Tensor& ids, const at::Tensor& positions, const at::Tensor& embed_weight,
-                              double embed_scale, const at::Tensor& first_norm, const at::Tensor& inv_freq_local,
+                              const std::optional<at::Tensor>& embed_scales, double embed_scale,
+                              const at::Tensor& first_norm, const at::Tensor& inv_freq_local,
                               const at::Tensor& inv_freq_global, at::TensorList k_caches, at::TensorList v_caches,
                               at::TensorList weights, const c10::List<std::optional<at::Tensor>>& scales,
                               at::TensorList norms, at::IntArrayRef windows, const c10::List<bool>& ring,
@@ -54,7 +55,8 @@ at::Tensor decoder_hidden_cpu(const at::Tensor& ids, const at::Tensor& positions
 // k_caches[b * layers + i]): the final-normed hidden states [B, hidden], and the head over them. Each row's
 // arithmetic is the same as in a batch-1 step (decoder_hidden_cpu, linear_cpu): batch-invariant logits.
 at::Tensor decoder_hidden_batched_cpu(const at::Tensor& ids, const at::Tensor& positions,
-                                      const at::Tensor& embed_weight, double embed_scale, const at::Tensor& first_norm,
+                                      const at::Tensor& embed_weight, const std::optional<at::Tensor>& embed_scales,
+                                      double embed_scale, const at::Tensor& first_norm,
                                       const at::Tensor& inv_freq_local, const at::Tensor& inv_freq_global,
                                       at::TensorList k_caches, at::TensorList v_caches, at::TensorList weights,
                                       const c10::List<std::optional<at::Tensor>>& scales, at::TensorList norms,
