@@ -22,9 +22,7 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
     scales = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
     for a in range(0, weight.shape[0], QUANT_ROWS):
-        w = weight[a:a + QUANT_ROWS].float()  # a copy even when weight is fp32: divided in place below
-        if w.data_ptr() == weight.data_ptr():
-            w = w.clone()
+        w = weight[a:a + QUANT_ROWS].to(torch.float32, copy=True)  # a copy even of fp32: divided in place below
         s = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
         q[a:a + QUANT_ROWS] = w.div_(s[:, None]).round_().clamp_(-127, 127)
         scales[a:a + QUANT_ROWS] = s

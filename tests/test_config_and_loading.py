@@ -173,3 +173,19 @@ def test_int8_load_quantizes_as_read_with_the_values_of_a_whole_quantization(tin
     for linear, weight in pairs:
         want_q, want_s = quantize_int8(weight)
         assert torch.equal(linear.weight, want_q) and torch.equal(linear.scales, want_s)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantize_int8_in_chunks_leaves_its_input_alone(dtype):
+    """quantize_int8 works QUANT_ROWS rows at a time, dividing a copy in place: the input is untouched (fp32 too,
+    past the first chunk), and the result is the one-shot formula's."""
+    from gemma3_fast.quantize import QUANT_ROWS, quantize_int8
+
+    w = (torch.randn(2 * QUANT_ROWS + 7, 48, generator=torch.Generator().manual_seed(0)) * 0.1).to(dtype)
+    w0 = w.clone()
+    q, s = quantize_int8(w)
+    assert torch.equal(w, w0)
+    wf = w.float()
+    want_s = wf.abs().amax(dim=1).clamp_min(1e-12) / 127.0
+    assert torch.equal(s, want_s)
+    assert torch.equal(q, torch.round(wf / want_s[:, None]).clamp(-127, 127).to(torch.int8))
