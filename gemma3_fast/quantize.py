@@ -12,18 +12,24 @@ from __future__ import annotations
 import torch
 
 QUANT_MODES = ("none", "int8")
-QUANT_ROWS = 1024
+QUANT_ELEMENTS = 1 << 18  # per chunk: its fp32 temporaries are 1 MB each
+
+
+def quant_rows(cols: int) -> int:
+    """Rows per chunk of quantize_int8 (and of the loader's quantizing reads) for rows of `cols` elements."""
+    return max(1, QUANT_ELEMENTS // max(1, cols))
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q int8 [N, K], scales fp32 [N]) with weight ~= q * scales[:, None]. Rows are quantized QUANT_ROWS at a
-    time: the fp32 temporaries of the whole 262144-row embedding at once took ~2.7 GB at the peak of loading, and
-    4096 rows' ~40 MB still showed in an int8 load's peak."""
+    """(q int8 [N, K], scales fp32 [N]) with weight ~= q * scales[:, None]. Rows are quantized a chunk of
+    QUANT_ELEMENTS at a time: the fp32 temporaries of the whole 262144-row embedding at once took ~2.7 GB at the
+    peak of loading, and 4096 rows' (10-40 MB) still showed in an int8 load's peak."""
     q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
     scales = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
-    for a in range(0, weight.shape[0], QUANT_ROWS):
-        w = weight[a:a + QUANT_ROWS].to(torch.float32, copy=True)  # a copy even of fp32: divided in place below
+    rows = quant_rows(weight.shape[-1])
+    for a in range(0, weight.shape[0], rows):
+        w = weight[a:a + rows].to(torch.float32, copy=True)  # a copy even of fp32: divided in place below
         s = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
-        q[a:a + QUANT_ROWS] = w.div_(s[:, None]).round_().clamp_(-127, 127)
-        scales[a:a + QUANT_ROWS] = s
+        q[a:a + rows] = w.div_(s[:, None]).round_().clamp_(-127, 127)
+        scales[a:a + rows] = s
     return q, scales

@@ -82,7 +82,7 @@ def build_model(config: Gemma3Config, get_tensor: Callable[..., torch.Tensor], n
     quantize="int8" quantizes each linear weight, and the embedding as the tied output head, as soon as it is read,
     so the full-precision model never exists in memory at once; the int8 head then serves the embedding lookups
     too (its rows times their scales)."""
-    from .quantize import QUANT_MODES, QUANT_ROWS, quantize_int8
+    from .quantize import QUANT_MODES, quant_rows, quantize_int8
 
     if quantize not in QUANT_MODES:
         raise ValueError(f"quantize must be one of {QUANT_MODES}, got {quantize!r}")
@@ -127,18 +127,19 @@ def build_model(config: Gemma3Config, get_tensor: Callable[..., torch.Tensor], n
         return t
 
     def quantized_as_read(short: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """quantize_int8 of the tensor, read and quantized QUANT_ROWS at a time: the same values as quantizing it
-        whole, without its full-precision copy (the bf16 embedding, 335 MB, was the peak of an int8 load)."""
+        """quantize_int8 of the tensor, read and quantized a chunk of rows at a time: the same values as quantizing
+        it whole, without its full-precision copy (the bf16 embedding, 335 MB, was the peak of an int8 load)."""
         name, shape = index[short], tuple(get_tensor.shape_of(index[short]))
         if shape != shapes[short]:
             raise WeightsError(f"{source}: tensor {name!r} has shape {shape}, but config.json implies "
                                f"{shapes[short]}")
         q, scales = new_big(shape, torch.int8), torch.empty(shape[0])
-        for a in range(0, shape[0], QUANT_ROWS):
-            part = get_tensor(name, dtype, rows=(a, min(a + QUANT_ROWS, shape[0])))
+        rows = quant_rows(shape[1])
+        for a in range(0, shape[0], rows):
+            part = get_tensor(name, dtype, rows=(a, min(a + rows, shape[0])))
             if not part.is_floating_point():
                 raise WeightsError(f"{source}: tensor {name!r} has dtype {part.dtype}, expected a float type")
-            q[a:a + QUANT_ROWS], scales[a:a + QUANT_ROWS] = quantize_int8(part.to(dtype))
+            q[a:a + rows], scales[a:a + rows] = quantize_int8(part.to(dtype))
         return q, scales
 
     state: dict[str, torch.Tensor] = {}

@@ -177,11 +177,11 @@ def test_int8_load_quantizes_as_read_with_the_values_of_a_whole_quantization(tin
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_quantize_int8_in_chunks_leaves_its_input_alone(dtype):
-    """quantize_int8 works QUANT_ROWS rows at a time, dividing a copy in place: the input is untouched (fp32 too,
+    """quantize_int8 works a chunk of rows at a time, dividing a copy in place: the input is untouched (fp32 too,
     past the first chunk), and the result is the one-shot formula's."""
-    from gemma3_fast.quantize import QUANT_ROWS, quantize_int8
+    from gemma3_fast.quantize import quant_rows, quantize_int8
 
-    w = (torch.randn(2 * QUANT_ROWS + 7, 48, generator=torch.Generator().manual_seed(0)) * 0.1).to(dtype)
+    w = (torch.randn(2 * quant_rows(48) + 7, 48, generator=torch.Generator().manual_seed(0)) * 0.1).to(dtype)
     w0 = w.clone()
     q, s = quantize_int8(w)
     assert torch.equal(w, w0)
