@@ -306,7 +306,7 @@ def open_safetensors_folder(folder: Path):
             a, b = rows
             if len(shape) != 2 or not 0 <= a <= b <= shape[0]:
                 raise WeightsError(f"{f}: rows [{a}, {b}) of tensor {name!r} {list(shape)} do not exist")
-            offset += a * shape[1] * (torch.finfo(stored).bits if stored.is_floating_point else 8) // 8
+            offset += a * shape[1] * stored.itemsize
             shape = (b - a, shape[1])
         if dtype is None or not stored.is_floating_point:  # non-float tensors stay as they are (and are refused)
             dtype = stored
