@@ -255,28 +255,24 @@ inline float max_value(const float* s, int64_t n, float init) {
 // kernels take their token count as a constant, so each token's accumulators stay in registers.
 template <int kMax, typename F>
 inline void with_token_count(int64_t g, const F& f) {
-  static_assert(kMax == 2 || kMax == 4 || kMax == 8, "token groups of 2, 4 or 8");
+  static_assert(kMax == 4 || kMax == 8, "token groups of 4 or 8");
   using std::integral_constant;
-  if constexpr (kMax == 2) {
-    return g == 1 ? f(integral_constant<int, 1>{}) : f(integral_constant<int, 2>{});
-  } else {
+  switch (g) {
+    case 1: return f(integral_constant<int, 1>{});
+    case 2: return f(integral_constant<int, 2>{});
+    case 3: return f(integral_constant<int, 3>{});
+    default: break;
+  }
+  if constexpr (kMax == 8) {
     switch (g) {
-      case 1: return f(integral_constant<int, 1>{});
-      case 2: return f(integral_constant<int, 2>{});
-      case 3: return f(integral_constant<int, 3>{});
-      default: break;
+      case 4: return f(integral_constant<int, 4>{});
+      case 5: return f(integral_constant<int, 5>{});
+      case 6: return f(integral_constant<int, 6>{});
+      case 7: return f(integral_constant<int, 7>{});
+      default: return f(integral_constant<int, 8>{});
     }
-    if constexpr (kMax == 8) {
-      switch (g) {
-        case 4: return f(integral_constant<int, 4>{});
-        case 5: return f(integral_constant<int, 5>{});
-        case 6: return f(integral_constant<int, 6>{});
-        case 7: return f(integral_constant<int, 7>{});
-        default: return f(integral_constant<int, 8>{});
-      }
-    } else {
-      return f(integral_constant<int, 4>{});
-    }
+  } else {
+    return f(integral_constant<int, 4>{});
   }
 }
 
