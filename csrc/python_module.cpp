@@ -1,9 +1,10 @@
 // The Python module gemma3_fast._C. Importing it loads this library, which runs the op registrations (ops.cpp and
 // the TORCH_LIBRARY_IMPL blocks). It also holds what is not an op: CUDA_BUILT, SIMD, OPENMP, DecodeSession (the
-// decode step without the per-step cost of an op call from Python: see cpu/decode_session.h) and its fused head
-// argmax.
+// decode step without the per-step cost of an op call from Python: see cpu/decode_session.h), its fused head
+// argmax, and BpeTokenizer (the compact tokenizer: bpe_tokenizer.h).
 #include <torch/extension.h>
 
+#include "bpe_tokenizer.h"
 #include "cpu/decode_session.h"
 #include "cpu/kernels.h"
 #include "cpu/vec.h"
@@ -107,4 +108,43 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "the default); process-wide");
   m.def("gguf_int16_activations", &gemma3_fast::gguf_int16_activations);
   m.attr("GGUF_INT16_ACTIVATIONS") = gemma3_fast::gguf_int16_available();
+
+  using gemma3_fast::BpeTokenizer;
+  pybind11::class_<BpeTokenizer>(m, "BpeTokenizer",
+                                 "Gemma's tokenizer.json (SentencePiece-style BPE with byte fallback) in ~15 MB: "
+                                 "encode/decode as the `tokenizers` library does (gemma3_fast/tokenizer.py)")
+      .def(pybind11::init([](const at::Tensor& blob, const at::Tensor& offsets, const at::Tensor& merges,
+                             const at::Tensor& added_ids, const at::Tensor& added_flags, int64_t unk_id,
+                             bool fuse_unk, bool byte_fallback) {
+             return without_backtrace([&] {
+               return std::make_unique<BpeTokenizer>(blob, offsets, merges, added_ids, added_flags, unk_id,
+                                                     fuse_unk, byte_fallback);
+             });
+           }),
+           pybind11::arg("blob"), pybind11::arg("offsets"), pybind11::arg("merges"), pybind11::arg("added_ids"),
+           pybind11::arg("added_flags"), pybind11::arg("unk_id"), pybind11::arg("fuse_unk"),
+           pybind11::arg("byte_fallback"))
+      .def_static(
+          "load",
+          [](const std::string& path) { return without_backtrace([&] { return BpeTokenizer::load(path); }); },
+          pybind11::arg("path"), "the tables save() wrote, mapped read-only")
+      .def(
+          "save",
+          [](const BpeTokenizer& t, const std::string& path) { without_backtrace([&] { t.save(path); }); },
+          pybind11::arg("path"))
+      .def("encode", &BpeTokenizer::encode, pybind11::arg("text"), pybind11::call_guard<pybind11::gil_scoped_release>(),
+           "token ids of text (no <bos> added)")
+      .def("decode", &BpeTokenizer::decode, pybind11::arg("ids"), pybind11::arg("skip_special_tokens") = true,
+           pybind11::call_guard<pybind11::gil_scoped_release>())
+      .def("token_to_id", [](const BpeTokenizer& t, const std::string& token) -> std::optional<int64_t> {
+             const int64_t id = t.token_to_id(token);
+             return id < 0 ? std::nullopt : std::optional<int64_t>(id);
+           })
+      .def("id_to_token", [](const BpeTokenizer& t, int64_t id) -> std::optional<std::string> {
+             if (id < 0 || id >= t.size()) return std::nullopt;
+             return t.id_to_token(id);
+           })
+      .def_property_readonly("vocab_size", &BpeTokenizer::size)
+      .def_property_readonly("memory_bytes", &BpeTokenizer::memory_bytes)
+      .def_property_readonly("mapped", &BpeTokenizer::mapped);
 }

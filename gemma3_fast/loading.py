@@ -126,8 +126,9 @@ def gguf_tokenizer(gg: GGUFFile) -> GemmaTokenizer:
         tk.save(str(tmp))
         os.replace(tmp, cached)
     except OSError:
-        pass  # a read-only cache only costs the rebuild next time
-    return GemmaTokenizer(tk, source=str(gg.path))
+        return GemmaTokenizer(tk, source=str(gg.path))  # a read-only cache only costs the rebuild next time
+    del tk
+    return GemmaTokenizer.from_file(cached)  # the compact tokenizer (tokenizer.py), as every later run has
 
 
 def _starts_with_gguf_magic(path: Path) -> bool:

@@ -73,7 +73,7 @@ def set_gguf_activations(mode: str) -> None:
 
 
 def native_module():
-    """The compiled module gemma3_fast._C (for what is not an op: DecodeSession)."""
+    """The compiled module gemma3_fast._C (for what is not an op: DecodeSession, BpeTokenizer)."""
     if not EXTENSION_AVAILABLE:
         raise RuntimeError(f"gemma3_fast: the compiled extension is not available ({EXTENSION_ERROR})")
     return _C

@@ -1,25 +1,40 @@
-"""Gemma tokenizer (via `tokenizers`): BOS handling, the chat template, stop tokens, streaming decode."""
+"""Gemma tokenizer: BOS handling, the chat template, stop tokens, streaming decode.
+
+Encoding and decoding run on the extension's BpeTokenizer (csrc/bpe_tokenizer.h) when the tokenizer.json has the
+shape it implements (Gemma's: see `compact_arrays`), else on the `tokenizers` library. Both give the same ids and
+text (tests/test_tokenizer.py holds them together); the compact one keeps ~15 MB where `tokenizers` keeps ~76 MiB,
+and it starts in milliseconds from a cached copy of its arrays where `tokenizers` parses 33 MB of JSON (~1 s).
+The `tokenizers` object is still made, on first use of `.tk`, for what needs it (training data, saving).
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
+from typing import TYPE_CHECKING
+
+import torch
 
 from .huge_pages import release_freed_memory
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 # SentencePiece token types as stored in GGUF metadata.
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 
 
 def build_from_sentencepiece_vocab(tokens: list[str], scores: list[float], types: list[int],
-                                   unk_token: str = "<unk>") -> Tokenizer:
+                                   unk_token: str = "<unk>") -> "Tokenizer":
     """A `tokenizers` BPE equivalent of a SentencePiece BPE vocabulary (as GGUF stores it).
 
     SentencePiece BPE merges the adjacent pair whose union has the highest score; a BPE merge list ranked
     by that score reproduces it. Ties are broken as transformers' converter breaks them (longer left
     piece first, then longer right piece, then vocabulary order), so both tokenize identically.
     """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
     vocab = {tok: i for i, tok in enumerate(tokens)}
     mergeable = {tok for tok, ty in zip(tokens, types) if ty == _NORMAL}
     candidates = []  # (score, len(left), len(right), order, left, right)
@@ -46,17 +61,163 @@ def build_from_sentencepiece_vocab(tokens: list[str], scores: list[float], types
     return tk
 
 
+# The compact arrays' cache format; bump it when compact_arrays changes what it writes.
+COMPACT_FORMAT = 2
+_METASPACE = "\u2581"
+_SUPPORTED_DECODER = {"type": "Sequence", "decoders": [
+    {"type": "Replace", "pattern": {"String": _METASPACE}, "content": " "}, {"type": "ByteFallback"}, {"type": "Fuse"}]}
+
+
+def compact_arrays(spec: dict) -> dict[str, torch.Tensor] | None:
+    """The BpeTokenizer's arguments for a parsed tokenizer.json, or None when it is not of the kind BpeTokenizer
+    implements exactly: a BPE model (no dropout, no subword prefix or suffix, merges not ignored), the normalizer
+    Replace(" ", "▁") alone, no pre-tokenizer or a Split on " " (a no-op once spaces are gone), the decoder
+    Replace("▁", " ") + ByteFallback + Fuse, and added tokens that are vocabulary entries matched whole (no
+    lstrip, rstrip or single_word)."""
+    model = spec.get("model") or {}
+    if (model.get("type") != "BPE" or model.get("dropout") is not None or model.get("continuing_subword_prefix")
+            or model.get("end_of_word_suffix") or model.get("ignore_merges")):
+        return None
+    if spec.get("normalizer") != {"type": "Replace", "pattern": {"String": " "}, "content": _METASPACE}:
+        return None
+    pre = spec.get("pre_tokenizer")
+    if pre is not None and not (pre.get("type") == "Split" and pre.get("pattern") == {"String": " "}
+                                and not pre.get("invert")):
+        return None
+    if spec.get("decoder") != _SUPPORTED_DECODER:
+        return None
+    vocab: dict[str, int] = model.get("vocab") or {}
+    tokens = [""] * len(vocab)
+    for tok, i in vocab.items():
+        if not (isinstance(i, int) and 0 <= i < len(tokens)) or tokens[i]:
+            return None  # ids not dense 0..n-1
+        tokens[i] = tok
+    if any(not t for t in tokens):
+        return None
+    added_ids, added_flags = [], []
+    for a in spec.get("added_tokens") or []:
+        if a.get("lstrip") or a.get("rstrip") or a.get("single_word"):
+            return None
+        i = a.get("id")
+        if not (isinstance(i, int) and 0 <= i < len(tokens) and tokens[i] == a.get("content")):
+            return None
+        added_ids.append(i)
+        added_flags.append((1 if a.get("special") else 0) | (2 if a.get("normalized") else 0))
+    merges = []
+    for m in model.get("merges") or []:
+        left, right = m if isinstance(m, list) else m.split(" ", 1)  # newer files: pairs; older: "left right"
+        if left not in vocab or right not in vocab or (left + right) not in vocab:
+            return None  # tokenizers refuses such a file; let it say why
+        merges.append((vocab[left], vocab[right]))
+    encoded = [t.encode() for t in tokens]
+    offsets = [0]
+    for t in encoded:
+        offsets.append(offsets[-1] + len(t))
+    unk = model.get("unk_token")
+    if unk is not None and unk not in vocab:
+        return None
+    return {
+        "blob": torch.frombuffer(bytearray(b"".join(encoded)), dtype=torch.uint8),
+        "offsets": torch.tensor(offsets, dtype=torch.int64),
+        "merges": torch.tensor(merges, dtype=torch.int32).reshape(-1, 2),
+        "added_ids": torch.tensor(added_ids, dtype=torch.int32),
+        "added_flags": torch.tensor(added_flags, dtype=torch.int32),
+        "options": torch.tensor([vocab[unk] if unk is not None else -1, bool(model.get("fuse_unk")),
+                                 bool(model.get("byte_fallback"))], dtype=torch.int64),
+    }
+
+
+def _bpe_tokenizer(arrays: dict[str, torch.Tensor]):
+    from .ops import native_module
+    unk, fuse_unk, byte_fallback = (int(v) for v in arrays["options"])
+    return native_module().BpeTokenizer(arrays["blob"], arrays["offsets"], arrays["merges"], arrays["added_ids"],
+                                    arrays["added_flags"], unk, bool(fuse_unk), bool(byte_fallback))
+
+
+def _content_key(path: Path) -> str:
+    """A digest of the file (33 MB for Gemma: ~40 ms), read a MiB at a time."""
+    h = hashlib.sha1(f"bpe{COMPACT_FORMAT}|".encode())
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()[:24]
+
+
+_NOT_COMPACT = b"not a BpeTokenizer kind\n"  # the cache's record of a tokenizer.json BpeTokenizer cannot take
+
+
+def load_compact(path: Path):
+    """The extension's BpeTokenizer for a tokenizer.json, or None (no extension, or a tokenizer.json of another
+    kind). Its tables are cached (~15 MB) beside the GGUF tokenizers, keyed by the file's contents (every
+    checkpoint that copies a tokenizer.json shares one entry), and mapped from there: later loads skip the JSON
+    (~25 ms, the digest, against 1.1 s). A cache that cannot be written costs the parse next time, and the tables
+    stay in memory."""
+    from .ops import EXTENSION_AVAILABLE, native_module
+    if not EXTENSION_AVAILABLE:
+        return None
+    from .checkpoint import atomic_write
+    from .loading import cache_dir
+    bpe = native_module().BpeTokenizer
+    cached = cache_dir() / "tokenizers" / f"{_content_key(path)}.bpe"
+    if cached.is_file():
+        try:
+            if cached.stat().st_size == len(_NOT_COMPACT) and cached.read_bytes() == _NOT_COMPACT:
+                return None
+            return bpe.load(str(cached))
+        except (OSError, RuntimeError):
+            pass  # a damaged cache entry: rebuilt below
+    try:
+        with open(path, encoding="utf-8") as f:
+            spec = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a valid tokenizer.json ({e})") from None
+    arrays = compact_arrays(spec) if isinstance(spec, dict) else None
+    del spec
+    try:
+        tokenizer = _bpe_tokenizer(arrays) if arrays is not None else None
+    except RuntimeError:
+        tokenizer = None  # inconsistent for BpeTokenizer: tokenizers reads it (or says why not)
+    del arrays
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        if tokenizer is None:
+            atomic_write(cached, lambda p: p.write_bytes(_NOT_COMPACT))
+            return None
+        atomic_write(cached, lambda p: tokenizer.save(str(p)))
+        return bpe.load(str(cached))  # mapped, as later runs have it; the built tables are freed
+    except (OSError, RuntimeError):
+        return tokenizer
+
+
 class GemmaTokenizer:
-    def __init__(self, tokenizer: Tokenizer, source: str = "tokenizer"):
-        self.tk = tokenizer
+    def __init__(self, tokenizer: "Tokenizer | None" = None, source: str = "tokenizer", *, compact=None,
+                 path: str | Path | None = None):
+        """tokenizer: a `tokenizers.Tokenizer`; or compact (an extension BpeTokenizer) and path (its tokenizer.json,
+        read into a `tokenizers.Tokenizer` when `.tk` is first used)."""
+        if tokenizer is None and (compact is None or path is None):
+            raise ValueError("GemmaTokenizer needs a tokenizers.Tokenizer, or a BpeTokenizer and its file's path")
+        self._tk = tokenizer
+        self.compact = compact
+        self.path = Path(path) if path is not None else None
         self.source = source
         self.bos_id = self._require("<bos>")
         self.eos_id = self._require("<eos>")
-        self.end_of_turn_id = tokenizer.token_to_id("<end_of_turn>")
+        self.end_of_turn_id = self.token_to_id("<end_of_turn>")
         self.stop_ids = {self.eos_id} | ({self.end_of_turn_id} if self.end_of_turn_id is not None else set())
 
+    @property
+    def tk(self) -> "Tokenizer":
+        """The `tokenizers` object (made on first use when the compact one does the encoding)."""
+        if self._tk is None:
+            from tokenizers import Tokenizer
+            self._tk = Tokenizer.from_file(str(self.path))
+        return self._tk
+
+    def token_to_id(self, token: str) -> int | None:
+        return (self.compact or self.tk).token_to_id(token)
+
     def _require(self, token: str) -> int:
-        i = self.tk.token_to_id(token)
+        i = self.token_to_id(token)
         if i is None:
             raise ValueError(f"{self.source}: the vocabulary has no {token} token")
         return i
@@ -66,6 +227,11 @@ class GemmaTokenizer:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: tokenizer.json not found")
+        compact = load_compact(path)
+        release_freed_memory()  # the arrays it was made from (or the JSON it parsed)
+        if compact is not None:
+            return cls(source=str(path), compact=compact, path=path)
+        from tokenizers import Tokenizer
         try:
             tk = Tokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
@@ -75,17 +241,24 @@ class GemmaTokenizer:
 
     @property
     def vocab_size(self) -> int:
+        if self.compact is not None:
+            return self.compact.vocab_size
         return self.tk.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         # Special tokens are added here, not by the tokenizer's post-processor: a prompt that already
         # starts with <bos> (a chat template, say) keeps exactly one.
-        ids = self.tk.encode(text, add_special_tokens=False).ids
+        if self.compact is not None:
+            ids = self.compact.encode(text)
+        else:
+            ids = self.tk.encode(text, add_special_tokens=False).ids
         if add_bos and (not ids or ids[0] != self.bos_id):
             ids = [self.bos_id] + ids
         return ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        if self.compact is not None:
+            return self.compact.decode(list(ids), skip_special_tokens)
         return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:

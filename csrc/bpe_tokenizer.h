@@ -1,0 +1,110 @@
+// A compact BPE tokenizer with the semantics of a Hugging Face `tokenizers` tokenizer.json of the SentencePiece
+// kind Gemma ships (normalizer Replace(" ", "▁"), BPE with byte fallback and ranked merges, decoder Replace("▁",
+// " ") + ByteFallback + Fuse, added tokens matched whole, leftmost-longest). gemma3_fast/tokenizer.py checks that
+// a tokenizer.json has exactly that shape before it hands it here, and keeps `tokenizers` for any other.
+//
+// Why: `tokenizers` holds Gemma's 262144 tokens and 513511 merges in Rust hash maps of owned strings, ~76 MiB
+// resident, a seventh of the default run's memory. Here the same data are one byte blob with offsets, an
+// open-addressing index of ids and the merges sorted by pair: ~15 MB, mapped from a cache file.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace gemma3_fast {
+
+class BpeTokenizer {
+ public:
+  // blob: every token's UTF-8 bytes, concatenated (uint8); offsets: int64 [n + 1], token i is
+  // blob[offsets[i], offsets[i + 1]); merges: int64 [m, 2], the (left, right) ids in rank order (each merges into
+  // the token spelled left + right); added_ids / added_flags: int64 [a], the added tokens (matched whole before
+  // the model runs) and their flags (1: special, skipped by decode(skip_special); 2: matched in the normalized
+  // text, not the raw one); unk_id: the unknown token or -1.
+  BpeTokenizer(const at::Tensor& blob, const at::Tensor& offsets, const at::Tensor& merges,
+               const at::Tensor& added_ids, const at::Tensor& added_flags, int64_t unk_id, bool fuse_unk,
+               bool byte_fallback);
+  // The tables as save() wrote them, mapped read-only: loading takes a millisecond, and the page cache holds
+  // one copy for every process. (Only touched pages count as resident, but with large page-cache folios a few
+  // lookups map most of the file.)
+  static std::unique_ptr<BpeTokenizer> load(const std::string& path);
+  void save(const std::string& path) const;
+  ~BpeTokenizer();
+  BpeTokenizer(const BpeTokenizer&) = delete;
+  BpeTokenizer& operator=(const BpeTokenizer&) = delete;
+
+  std::vector<int64_t> encode(const std::string& text) const;
+  std::string decode(const std::vector<int64_t>& ids, bool skip_special) const;
+  int64_t token_to_id(const std::string& token) const;  // -1 when absent
+  std::string id_to_token(int64_t id) const;            // "" when out of range
+  int64_t size() const { return n_; }
+  int64_t memory_bytes() const;  // heap owned (a mapped tokenizer's tables are the file's pages)
+  bool mapped() const { return map_ != nullptr; }
+
+ private:
+  BpeTokenizer() = default;
+  // Added tokens of one kind (raw or normalized): their ids by spelling, and per first byte the distinct
+  // lengths, longest first, so a position is tried against a handful of lengths.
+  struct AddedMatcher {
+    std::vector<int32_t> ids;                           // open addressing over the added ids
+    std::vector<std::vector<uint32_t>> lengths_by_byte;  // [256]
+    bool empty() const { return ids.empty(); }
+  };
+  struct Piece {  // a stretch of text, or an added token already matched
+    std::string_view text;
+    int32_t id;  // -1 for text
+  };
+
+  // Bounds-checked: a damaged mapped file gives wrong tokens, never a read outside it.
+  std::string_view token(int64_t id) const {
+    if (id < 0 || id >= n_) return {};
+    const uint32_t a = offsets_[id], b = offsets_[id + 1];
+    if (b < a || b > blob_size_) return {};
+    return {blob_ + a, static_cast<size_t>(b - a)};
+  }
+  int32_t lookup(std::string_view s) const;
+  int32_t lookup_added(const AddedMatcher& m, std::string_view s) const;
+  void build_added(AddedMatcher& m, const std::vector<int32_t>& ids);
+  void find_byte_tokens();
+  void build_matchers();  // the added-token matchers, from the tables
+  void split_added(const AddedMatcher& m, std::string_view text, std::vector<Piece>& out) const;
+  void bpe(std::string_view word, std::vector<int64_t>& out) const;
+  // (rank, merged id) of the pair, or rank -1.
+  std::pair<int32_t, int32_t> merge_of(int32_t left, int32_t right) const;
+
+  // The tables: views of the owned vectors below, or of the mapped file.
+  const char* blob_ = nullptr;
+  size_t blob_size_ = 0;
+  const uint32_t* offsets_ = nullptr;  // [n + 1]
+  int64_t n_ = 0;
+  const int32_t* index_ = nullptr;  // open addressing: token id or -1, by hash of its spelling
+  size_t index_slots_ = 0;          // a power of two
+  // Merges sorted by (left << 32 | right), for binary search: 16 bytes each.
+  const uint64_t* merge_keys_ = nullptr;
+  const int32_t* merge_rank_ = nullptr;
+  const int32_t* merge_id_ = nullptr;
+  size_t n_merges_ = 0;
+  const uint8_t* special_ = nullptr;  // per id: decode(skip_special) drops it
+  const int32_t* added_ids_ = nullptr;
+  const int32_t* added_flags_ = nullptr;
+  size_t n_added_ = 0;
+  int32_t unk_id_ = -1;
+  bool fuse_unk_ = false, byte_fallback_ = false;
+
+  std::string own_blob_;
+  std::vector<uint32_t> own_offsets_;
+  std::vector<int32_t> own_index_, own_merge_rank_, own_merge_id_, own_added_ids_, own_added_flags_;
+  std::vector<uint64_t> own_merge_keys_;
+  std::vector<uint8_t> own_special_;
+  void* map_ = nullptr;
+  size_t map_size_ = 0;
+
+  AddedMatcher added_raw_, added_normalized_;
+  int32_t byte_ids_[256];  // <0xXX> tokens, -1 where missing (in the file's header: no lookups at load)
+};
+
+}  // namespace gemma3_fast
