@@ -185,3 +185,25 @@ def test_tokenizers_object_is_made_on_first_use(cache, tmp_path):
     tok = GemmaTokenizer.from_file(path)
     assert tok._tk is None
     assert tok.tk.encode("abcd", add_special_tokens=False).ids == tok.encode("abcd", add_bos=False)
+
+
+@pytest.mark.parametrize("damage", ["merge without a space", "vocab as a list", "added token as a string"])
+def test_odd_tokenizer_json_is_left_to_tokenizers(cache, tmp_path, damage):
+    """A tokenizer.json whose fields have unexpected types is not BpeTokenizer's to judge: tokenizers reads it or
+    names the problem, as it did before BpeTokenizer existed."""
+    import json
+
+    tokens, scores, types = toy_vocab(True)
+    path = tmp_path / "tokenizer.json"
+    build_from_sentencepiece_vocab(tokens, scores, types).save(str(path))
+    spec = json.loads(path.read_text())
+    if damage == "merge without a space":
+        spec["model"]["merges"] = ["abc"] + [" ".join(m) for m in spec["model"]["merges"]]
+    elif damage == "vocab as a list":
+        spec["model"]["vocab"] = list(spec["model"]["vocab"])
+    else:
+        spec["added_tokens"] = ["<bos>"]
+    path.write_text(json.dumps(spec))
+    assert load_compact(path) is None
+    with pytest.raises(ValueError, match="not a valid tokenizer.json"):
+        GemmaTokenizer.from_file(path)
