@@ -152,9 +152,7 @@ BpeTokenizer::BpeTokenizer(const at::Tensor& blob, const at::Tensor& offsets, co
     keyed[r] = {(static_cast<uint64_t>(l) << 32) | static_cast<uint64_t>(rt), static_cast<uint32_t>(r)};
   }
   std::sort(keyed.begin(), keyed.end());
-  own_merge_keys_.reserve(count);
-  own_merge_rank_.reserve(count);
-  own_merge_id_.reserve(count);
+  own_merges_.reserve(count);
   std::string merged;
   for (size_t k = 0; k < count; ++k) {
     if (k + 1 < count && keyed[k + 1].first == keyed[k].first) continue;  // a later rank of the same pair follows
@@ -165,12 +163,14 @@ BpeTokenizer::BpeTokenizer(const at::Tensor& blob, const at::Tensor& offsets, co
     const int32_t id = lookup(merged);
     TORCH_CHECK(id >= 0, "BpeTokenizer: merge ", r, " ('", std::string(token(l)), "', '", std::string(token(rt)),
                 "') makes '", merged, "', which is not in the vocabulary");
-    own_merge_keys_.push_back(key);
-    own_merge_rank_.push_back(static_cast<int32_t>(r));
-    own_merge_id_.push_back(id);
+    own_merges_.push_back({rt, static_cast<int32_t>(r), id});
   }
-  merge_keys_ = own_merge_keys_.data(), merge_rank_ = own_merge_rank_.data(), merge_id_ = own_merge_id_.data();
-  n_merges_ = own_merge_keys_.size();
+  TORCH_CHECK(own_merges_.size() < (uint64_t{1} << 31), "BpeTokenizer: more than 2^31 merges");
+  own_merge_first_.assign(n + 1, 0);  // counts per left id, then their running sum
+  for (size_t k = 0; k < count; ++k)
+    if (k + 1 == count || keyed[k + 1].first != keyed[k].first) ++own_merge_first_[(keyed[k].first >> 32) + 1];
+  for (int32_t i = 0; i < n; ++i) own_merge_first_[i + 1] += own_merge_first_[i];
+  merge_first_ = own_merge_first_.data(), merges_ = own_merges_.data(), n_merges_ = own_merges_.size();
 
   const std::vector<int64_t> ids = int64_values(added_ids, "added_ids");
   const std::vector<int64_t> flags = int64_values(added_flags, "added_flags");
@@ -209,7 +209,7 @@ void BpeTokenizer::build_matchers() {
 // The file save() writes and load() maps: a header of counts, then each table at a 64-byte boundary.
 namespace {
 
-constexpr char kMagic[8] = {'G', '3', 'B', 'P', 'E', 0, 0, 2};  // the last byte: the layout's version
+constexpr char kMagic[8] = {'G', '3', 'B', 'P', 'E', 0, 0, 4};  // the last byte: the layout's version
 
 struct FileHeader {
   char magic[8];
@@ -220,7 +220,7 @@ struct FileHeader {
 };
 
 struct Layout {  // byte offsets of the tables in the file
-  size_t blob, offsets, index, merge_keys, merge_rank, merge_id, special, added_ids, added_flags, end;
+  size_t blob, offsets, index, merge_first, merges, special, added_ids, added_flags, end;
 };
 
 size_t align64(size_t x) { return (x + 63) & ~size_t{63}; }
@@ -230,10 +230,9 @@ Layout layout_of(const FileHeader& h) {
   l.blob = align64(sizeof(FileHeader));
   l.offsets = align64(l.blob + h.blob_size);
   l.index = align64(l.offsets + (h.n + 1) * sizeof(uint32_t));
-  l.merge_keys = align64(l.index + h.index_slots * sizeof(int32_t));
-  l.merge_rank = align64(l.merge_keys + h.n_merges * sizeof(uint64_t));
-  l.merge_id = align64(l.merge_rank + h.n_merges * sizeof(int32_t));
-  l.special = align64(l.merge_id + h.n_merges * sizeof(int32_t));
+  l.merge_first = align64(l.index + h.index_slots * sizeof(int32_t));
+  l.merges = align64(l.merge_first + (h.n + 1) * sizeof(uint32_t));
+  l.special = align64(l.merges + h.n_merges * 3 * sizeof(int32_t));
   l.added_ids = align64(l.special + h.n);
   l.added_flags = align64(l.added_ids + h.n_added * sizeof(int32_t));
   l.end = l.added_flags + h.n_added * sizeof(int32_t);
@@ -254,9 +253,8 @@ void BpeTokenizer::save(const std::string& path) const {
   std::memcpy(out.data() + l.blob, blob_, blob_size_);
   std::memcpy(out.data() + l.offsets, offsets_, (n_ + 1) * sizeof(uint32_t));
   std::memcpy(out.data() + l.index, index_, index_slots_ * sizeof(int32_t));
-  std::memcpy(out.data() + l.merge_keys, merge_keys_, n_merges_ * sizeof(uint64_t));
-  std::memcpy(out.data() + l.merge_rank, merge_rank_, n_merges_ * sizeof(int32_t));
-  std::memcpy(out.data() + l.merge_id, merge_id_, n_merges_ * sizeof(int32_t));
+  std::memcpy(out.data() + l.merge_first, merge_first_, (n_ + 1) * sizeof(uint32_t));
+  std::memcpy(out.data() + l.merges, merges_, n_merges_ * sizeof(Merge));
   std::memcpy(out.data() + l.special, special_, n_);
   std::memcpy(out.data() + l.added_ids, added_ids_, n_added_ * sizeof(int32_t));
   std::memcpy(out.data() + l.added_flags, added_flags_, n_added_ * sizeof(int32_t));
@@ -298,9 +296,8 @@ std::unique_ptr<BpeTokenizer> BpeTokenizer::load(const std::string& path) {
   t->blob_ = base + l.blob, t->blob_size_ = h.blob_size;
   t->offsets_ = reinterpret_cast<const uint32_t*>(base + l.offsets), t->n_ = static_cast<int64_t>(h.n);
   t->index_ = reinterpret_cast<const int32_t*>(base + l.index), t->index_slots_ = h.index_slots;
-  t->merge_keys_ = reinterpret_cast<const uint64_t*>(base + l.merge_keys);
-  t->merge_rank_ = reinterpret_cast<const int32_t*>(base + l.merge_rank);
-  t->merge_id_ = reinterpret_cast<const int32_t*>(base + l.merge_id);
+  t->merge_first_ = reinterpret_cast<const uint32_t*>(base + l.merge_first);
+  t->merges_ = reinterpret_cast<const Merge*>(base + l.merges);
   t->n_merges_ = h.n_merges;
   t->special_ = reinterpret_cast<const uint8_t*>(base + l.special);
   t->added_ids_ = reinterpret_cast<const int32_t*>(base + l.added_ids);
@@ -383,13 +380,13 @@ void BpeTokenizer::split_added(const AddedMatcher& m, std::string_view text, std
 }
 
 std::pair<int32_t, int32_t> BpeTokenizer::merge_of(int32_t left, int32_t right) const {
-  const uint64_t key = (static_cast<uint64_t>(left) << 32) | static_cast<uint32_t>(right);
-  const uint64_t* end = merge_keys_ + n_merges_;
-  const uint64_t* it = std::lower_bound(merge_keys_, end, key);
-  if (it == end || *it != key) return {-1, -1};
-  const size_t k = it - merge_keys_;
-  if (merge_id_[k] < 0 || merge_id_[k] >= n_) return {-1, -1};
-  return {merge_rank_[k], merge_id_[k]};
+  if (left < 0 || left >= n_) return {-1, -1};
+  const uint32_t a = merge_first_[left], b = merge_first_[left + 1];
+  if (b < a || b > n_merges_) return {-1, -1};  // a damaged file's
+  const Merge* it = std::lower_bound(merges_ + a, merges_ + b, right,
+                                     [](const Merge& m, int32_t r) { return m.right < r; });
+  if (it == merges_ + b || it->right != right || it->id < 0 || it->id >= n_) return {-1, -1};
+  return {it->rank, it->id};
 }
 
 void BpeTokenizer::bpe(std::string_view word, std::vector<int64_t>& out) const {
@@ -545,9 +542,10 @@ int64_t BpeTokenizer::memory_bytes() const {
     for (const auto& l : m->lengths_by_byte) added += l.capacity() * sizeof(uint32_t);
   }
   return static_cast<int64_t>(own_blob_.capacity() + own_offsets_.capacity() * sizeof(uint32_t) +
-                              (own_index_.capacity() + own_merge_rank_.capacity() + own_merge_id_.capacity() +
-                               own_added_ids_.capacity() + own_added_flags_.capacity()) * sizeof(int32_t) +
-                              own_merge_keys_.capacity() * sizeof(uint64_t) + own_special_.capacity() + added);
+                              (own_index_.capacity() + own_added_ids_.capacity() + own_added_flags_.capacity()) *
+                                  sizeof(int32_t) +
+                              own_merge_first_.capacity() * sizeof(uint32_t) + own_merges_.capacity() * sizeof(Merge) +
+                              own_special_.capacity() + added);
 }
 
 }  // namespace gemma3_fast

@@ -5,7 +5,7 @@
 //
 // Why: `tokenizers` holds Gemma's 262144 tokens and 513511 merges in Rust hash maps of owned strings, ~76 MiB
 // resident, a seventh of the default run's memory. Here the same data are one byte blob with offsets, an
-// open-addressing index of ids and the merges sorted by pair: ~15 MB, mapped from a cache file.
+// open-addressing index of ids and the merges grouped by left token: ~14 MB, mapped from a cache file.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -28,9 +28,9 @@ class BpeTokenizer {
   BpeTokenizer(const at::Tensor& blob, const at::Tensor& offsets, const at::Tensor& merges,
                const at::Tensor& added_ids, const at::Tensor& added_flags, int64_t unk_id, bool fuse_unk,
                bool byte_fallback);
-  // The tables as save() wrote them, mapped read-only: loading takes a millisecond, and the page cache holds
-  // one copy for every process. (Only touched pages count as resident, but with large page-cache folios a few
-  // lookups map most of the file.)
+  // The tables as save() wrote them, mapped read-only: loading takes a millisecond, only the pages a run
+  // touches become resident (see tokenizer.py's _drop_from_page_cache for what that depends on), and the page
+  // cache holds one copy for every process.
   static std::unique_ptr<BpeTokenizer> load(const std::string& path);
   void save(const std::string& path) const;
   ~BpeTokenizer();
@@ -83,10 +83,15 @@ class BpeTokenizer {
   int64_t n_ = 0;
   const int32_t* index_ = nullptr;  // open addressing: token id or -1, by hash of its spelling
   size_t index_slots_ = 0;          // a power of two
-  // Merges sorted by (left << 32 | right), for binary search: 16 bytes each.
-  const uint64_t* merge_keys_ = nullptr;
-  const int32_t* merge_rank_ = nullptr;
-  const int32_t* merge_id_ = nullptr;
+  // Merges sorted by (left, right): merge_first_[left] .. merge_first_[left + 1] is left's range, searched by
+  // right. A lookup touches two places (most lefts have a handful of merges), not the ~19 of a binary search over
+  // all 513511: with the tables mapped, fewer pages become resident.
+  struct Merge {  // one entry: what a lookup reads together sits together
+    int32_t right, rank, id;
+  };
+  static_assert(sizeof(Merge) == 3 * sizeof(int32_t), "the file layout stores a merge in 12 bytes");
+  const uint32_t* merge_first_ = nullptr;  // [n + 1]
+  const Merge* merges_ = nullptr;
   size_t n_merges_ = 0;
   const uint8_t* special_ = nullptr;  // per id: decode(skip_special) drops it
   const int32_t* added_ids_ = nullptr;
@@ -97,8 +102,9 @@ class BpeTokenizer {
 
   std::string own_blob_;
   std::vector<uint32_t> own_offsets_;
-  std::vector<int32_t> own_index_, own_merge_rank_, own_merge_id_, own_added_ids_, own_added_flags_;
-  std::vector<uint64_t> own_merge_keys_;
+  std::vector<int32_t> own_index_, own_added_ids_, own_added_flags_;
+  std::vector<uint32_t> own_merge_first_;
+  std::vector<Merge> own_merges_;
   std::vector<uint8_t> own_special_;
   void* map_ = nullptr;
   size_t map_size_ = 0;

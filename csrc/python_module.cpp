@@ -111,8 +111,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
   using gemma3_fast::BpeTokenizer;
   pybind11::class_<BpeTokenizer>(m, "BpeTokenizer",
-                                 "Gemma's tokenizer.json (SentencePiece-style BPE with byte fallback) in ~15 MB: "
-                                 "encode/decode as the `tokenizers` library does (gemma3_fast/tokenizer.py)")
+                                 "Gemma's tokenizer.json (SentencePiece-style BPE with byte fallback) in ~14 MB of "
+                                 "tables: encode/decode as the `tokenizers` library does (gemma3_fast/tokenizer.py)")
       .def(pybind11::init([](const at::Tensor& blob, const at::Tensor& offsets, const at::Tensor& merges,
                              const at::Tensor& added_ids, const at::Tensor& added_flags, int64_t unk_id,
                              bool fuse_unk, bool byte_fallback) {
