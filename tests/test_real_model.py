@@ -114,13 +114,23 @@ def test_gguf_and_safetensors_give_the_same_model(default_folder, default_gguf):
         torch.testing.assert_close(from_gguf(ids, torch.arange(len(ids))), from_folder(ids, torch.arange(len(ids))))
 
 
-def test_gguf_tokenizer_matches_transformers(default_gguf):
+@pytest.mark.parametrize("kind", ["tokenizers", "compact"])
+def test_gguf_tokenizer_matches_transformers(default_gguf, kind):
+    """Ours, on `tokenizers` and on the extension's BpeTokenizer (what loading uses), against transformers'
+    own reading of the GGUF's vocabulary."""
     from transformers import AutoTokenizer
 
     from gemma3_fast.gguf_import import GGUFFile
+    from gemma3_fast.loading import gguf_tokenizer
     from gemma3_fast.tokenizer import GemmaTokenizer
 
-    ours = GemmaTokenizer(GGUFFile(default_gguf).tokenizer())
+    if kind == "compact":
+        if not ops.EXTENSION_AVAILABLE:
+            pytest.skip("BpeTokenizer is part of the compiled extension")
+        ours = gguf_tokenizer(GGUFFile(default_gguf))
+        assert ours.compact is not None
+    else:
+        ours = GemmaTokenizer(GGUFFile(default_gguf).tokenizer())
     theirs = AutoTokenizer.from_pretrained(default_gguf.parent, gguf_file=default_gguf.name)
     texts = SHORT_PROMPTS + [TEXT[:2000], "  two leading spaces\n\n\ttab, emoji 🤖, 日本語", "<start_of_turn>user\nhi"]
     for text in texts:
