@@ -126,14 +126,10 @@ BpeTokenizer::BpeTokenizer(const at::Tensor& blob, const at::Tensor& offsets, co
 
   own_index_.assign(table_size(n), -1);
   index_ = own_index_.data(), index_slots_ = own_index_.size();
-  const size_t mask = index_slots_ - 1;
   for (int32_t id = 0; id < n; ++id) {
-    size_t h = fnv1a(token(id)) & mask;
-    while (own_index_[h] >= 0) {
-      TORCH_CHECK(token(own_index_[h]) != token(id), "BpeTokenizer: tokens ", own_index_[h], " and ", id,
-                  " are both spelled '", std::string(token(id)), "'");
-      h = (h + 1) & mask;
-    }
+    const size_t h = slot_of(index_, index_slots_, token(id));
+    TORCH_CHECK(own_index_[h] < 0, "BpeTokenizer: tokens ", own_index_[h], " and ", id, " are both spelled '",
+                std::string(token(id)), "'");
     own_index_[h] = id;
   }
   TORCH_CHECK(unk_id >= -1 && unk_id < n, "BpeTokenizer: unk_id ", unk_id, " is not a token id (vocabulary of ", n,
@@ -209,7 +205,7 @@ void BpeTokenizer::build_matchers() {
 // The file save() writes and load() maps: a header of counts, then each table at a 64-byte boundary.
 namespace {
 
-constexpr char kMagic[8] = {'G', '3', 'B', 'P', 'E', 0, 0, 4};  // the last byte: the layout's version
+constexpr char kMagic[8] = {'G', '3', 'B', 'P', 'E', 0, 0, BpeTokenizer::kFileVersion};
 
 struct FileHeader {
   char magic[8];
@@ -313,22 +309,22 @@ BpeTokenizer::~BpeTokenizer() {
   if (map_ != nullptr) ::munmap(map_, map_size_);
 }
 
-int32_t BpeTokenizer::lookup(std::string_view s) const {
-  const size_t mask = index_slots_ - 1;
-  for (size_t h = fnv1a(s) & mask, probes = 0; probes < index_slots_; h = (h + 1) & mask, ++probes) {
-    const int32_t id = index_[h];
-    if (id < 0 || id >= n_) return -1;  // an empty slot (or a damaged file's)
-    if (token(id) == s) return id;
+// Linear probing from s's hash: the slot holding s's id, else the empty slot where it goes. SIZE_MAX when there
+// is neither (a full table, or a damaged file's slot naming no token).
+size_t BpeTokenizer::slot_of(const int32_t* slots, size_t n_slots, std::string_view s) const {
+  const size_t mask = n_slots - 1;
+  for (size_t h = fnv1a(s) & mask, probes = 0; probes < n_slots; h = (h + 1) & mask, ++probes) {
+    const int32_t id = slots[h];
+    if (id < 0) return h;
+    if (id >= n_) return SIZE_MAX;
+    if (token(id) == s) return h;
   }
-  return -1;
+  return SIZE_MAX;
 }
 
-int32_t BpeTokenizer::lookup_added(const AddedMatcher& m, std::string_view s) const {
-  const size_t mask = m.ids.size() - 1;
-  for (size_t h = fnv1a(s) & mask;; h = (h + 1) & mask) {
-    const int32_t id = m.ids[h];
-    if (id < 0 || token(id) == s) return id;
-  }
+int32_t BpeTokenizer::lookup_in(const int32_t* slots, size_t n_slots, std::string_view s) const {
+  const size_t h = slot_of(slots, n_slots, s);
+  return h == SIZE_MAX ? -1 : slots[h];
 }
 
 void BpeTokenizer::build_added(AddedMatcher& m, const std::vector<int32_t>& ids) {
@@ -336,12 +332,11 @@ void BpeTokenizer::build_added(AddedMatcher& m, const std::vector<int32_t>& ids)
   m.lengths_by_byte.assign(256, {});
   if (ids.empty()) return;
   m.ids.assign(table_size(ids.size()), -1);
-  const size_t mask = m.ids.size() - 1;
   for (const int32_t id : ids) {
     const std::string_view t = token(id);
-    if (t.empty() || lookup_added(m, t) >= 0) continue;  // an empty pattern matches nothing; a repeat adds nothing
-    size_t h = fnv1a(t) & mask;
-    while (m.ids[h] >= 0) h = (h + 1) & mask;
+    if (t.empty()) continue;  // an empty pattern matches nothing
+    const size_t h = slot_of(m.ids.data(), m.ids.size(), t);
+    if (m.ids[h] >= 0) continue;  // a repeat adds nothing
     m.ids[h] = id;
     auto& lengths = m.lengths_by_byte[static_cast<unsigned char>(t[0])];
     if (std::find(lengths.begin(), lengths.end(), t.size()) == lengths.end()) lengths.push_back(t.size());
@@ -361,7 +356,7 @@ void BpeTokenizer::split_added(const AddedMatcher& m, std::string_view text, std
     size_t found_len = 0;
     for (const uint32_t len : m.lengths_by_byte[static_cast<unsigned char>(text[i])]) {
       if (len > text.size() - i) continue;
-      found = lookup_added(m, text.substr(i, len));
+      found = lookup_in(m.ids.data(), m.ids.size(), text.substr(i, len));
       if (found >= 0) {
         found_len = len;
         break;

@@ -32,6 +32,7 @@ class BpeTokenizer {
   // touches become resident (see tokenizer.py's _drop_from_page_cache for what that depends on), and the page
   // cache holds one copy for every process.
   static std::unique_ptr<BpeTokenizer> load(const std::string& path);
+  static constexpr int kFileVersion = 4;  // of save()'s layout: load() refuses another
   void save(const std::string& path) const;
   ~BpeTokenizer();
   BpeTokenizer(const BpeTokenizer&) = delete;
@@ -66,8 +67,10 @@ class BpeTokenizer {
     if (b < a || b > blob_size_) return {};
     return {blob_ + a, static_cast<size_t>(b - a)};
   }
-  int32_t lookup(std::string_view s) const;
-  int32_t lookup_added(const AddedMatcher& m, std::string_view s) const;
+  // Open-addressing tables of ids (the vocabulary's index, each added-token matcher's), keyed by spelling.
+  size_t slot_of(const int32_t* slots, size_t n_slots, std::string_view s) const;
+  int32_t lookup_in(const int32_t* slots, size_t n_slots, std::string_view s) const;
+  int32_t lookup(std::string_view s) const { return lookup_in(index_, index_slots_, s); }
   void build_added(AddedMatcher& m, const std::vector<int32_t>& ids);
   void find_byte_tokens();
   void build_matchers();  // the added-token matchers, from the tables

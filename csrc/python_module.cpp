@@ -147,4 +147,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("vocab_size", &BpeTokenizer::size)
       .def_property_readonly("memory_bytes", &BpeTokenizer::memory_bytes)
       .def_property_readonly("mapped", &BpeTokenizer::mapped);
+  m.attr("BpeTokenizer").attr("FILE_VERSION") = BpeTokenizer::kFileVersion;
 }

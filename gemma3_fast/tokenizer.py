@@ -63,15 +63,16 @@ def build_from_sentencepiece_vocab(tokens: list[str], scores: list[float], types
     return tk
 
 
-# The compact arrays' cache format; bump it when compact_arrays changes what it writes.
+# Part of the cache key, with the extension's own table-file version (BpeTokenizer.FILE_VERSION): bump it when
+# compact_arrays changes what it accepts or makes.
 COMPACT_FORMAT = 4
 _METASPACE = "\u2581"
 _SUPPORTED_DECODER = {"type": "Sequence", "decoders": [
     {"type": "Replace", "pattern": {"String": _METASPACE}, "content": " "}, {"type": "ByteFallback"}, {"type": "Fuse"}]}
 
 
-def compact_arrays(spec: dict) -> dict[str, torch.Tensor] | None:
-    """The BpeTokenizer's arguments for a parsed tokenizer.json, or None when it is not of the kind BpeTokenizer
+def compact_arrays(spec: dict) -> dict | None:
+    """BpeTokenizer's constructor arguments for a parsed tokenizer.json, or None when it is not of the kind BpeTokenizer
     implements exactly: a BPE model (no dropout, no subword prefix or suffix, merges not ignored), the normalizer
     Replace(" ", "▁") alone, no pre-tokenizer or a Split on " " (a no-op once spaces are gone), the decoder
     Replace("▁", " ") + ByteFallback + Fuse, and added tokens that are vocabulary entries matched whole (no
@@ -125,21 +126,15 @@ def compact_arrays(spec: dict) -> dict[str, torch.Tensor] | None:
         "merges": torch.tensor(merges, dtype=torch.int32).reshape(-1, 2),
         "added_ids": torch.tensor(added_ids, dtype=torch.int32),
         "added_flags": torch.tensor(added_flags, dtype=torch.int32),
-        "options": torch.tensor([vocab[unk] if unk is not None else -1, bool(model.get("fuse_unk")),
-                                 bool(model.get("byte_fallback"))], dtype=torch.int64),
+        "unk_id": vocab[unk] if unk is not None else -1,
+        "fuse_unk": bool(model.get("fuse_unk")),
+        "byte_fallback": bool(model.get("byte_fallback")),
     }
 
 
-def _bpe_tokenizer(arrays: dict[str, torch.Tensor]):
-    from .ops import native_module
-    unk, fuse_unk, byte_fallback = (int(v) for v in arrays["options"])
-    return native_module().BpeTokenizer(arrays["blob"], arrays["offsets"], arrays["merges"], arrays["added_ids"],
-                                    arrays["added_flags"], unk, bool(fuse_unk), bool(byte_fallback))
-
-
-def _content_key(path: Path) -> str:
-    """A digest of the file (33 MB for Gemma: ~25 ms), read a MiB at a time."""
-    h = hashlib.sha1(f"bpe{COMPACT_FORMAT}|".encode())
+def _content_key(path: Path, file_version: int) -> str:
+    """A digest of the file (33 MB for Gemma: ~25 ms), read a MiB at a time, and of the formats' versions."""
+    h = hashlib.sha1(f"bpe{COMPACT_FORMAT}.{file_version}|".encode())
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
@@ -174,7 +169,7 @@ def load_compact(path: Path):
     from .checkpoint import atomic_write
     from .loading import cache_dir
     bpe = native_module().BpeTokenizer
-    cached = cache_dir() / "tokenizers" / f"{_content_key(path)}.bpe"
+    cached = cache_dir() / "tokenizers" / f"{_content_key(path, bpe.FILE_VERSION)}.bpe"
     if cached.is_file():
         try:
             if cached.stat().st_size == len(_NOT_COMPACT) and cached.read_bytes() == _NOT_COMPACT:
@@ -193,7 +188,7 @@ def load_compact(path: Path):
         arrays = None  # fields of unexpected types: tokenizers reads it (or says what is wrong)
     del spec
     try:
-        tokenizer = _bpe_tokenizer(arrays) if arrays is not None else None
+        tokenizer = bpe(**arrays) if arrays is not None else None
     except RuntimeError:
         tokenizer = None  # inconsistent for BpeTokenizer: tokenizers reads it (or says why not)
     del arrays
@@ -234,7 +229,7 @@ class GemmaTokenizer:
         return self._tk
 
     def token_to_id(self, token: str) -> int | None:
-        return (self.compact or self.tk).token_to_id(token)
+        return (self.compact if self.compact is not None else self.tk).token_to_id(token)
 
     def _require(self, token: str) -> int:
         i = self.token_to_id(token)
