@@ -18,7 +18,7 @@ import torch
 
 from .config import Gemma3Config
 from .gguf_import import GGUFFile
-from .huge_pages import release_freed_memory
+from .huge_pages import drop_from_page_cache, release_freed_memory
 from .model import Gemma3Model
 from .quantize import QUANT_MODES
 from .tokenizer import GemmaTokenizer
@@ -92,6 +92,7 @@ def default_gguf_path(quiet: bool = False) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     assembled = Path(assemble(partial, overwrite=True))
+    drop_from_page_cache(assembled)  # on disk before the rename; and see huge_pages.drop_from_page_cache
     os.replace(assembled, path)  # the file appears complete or not at all
     return path
 

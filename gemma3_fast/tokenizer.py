@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 from typing import TYPE_CHECKING
 
 import torch
 
-from .huge_pages import release_freed_memory
+from .huge_pages import drop_from_page_cache, release_freed_memory
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -141,19 +140,6 @@ def _content_key(path: Path, file_version: int) -> str:
     return h.hexdigest()[:24]
 
 
-def _drop_from_page_cache(path: Path) -> None:
-    """Freshly written, the file sits in the page cache as large folios, and a fault on a mapped large folio maps
-    all of it: a few lookups made 13 of the tables' 14 MiB resident (Linux 6.18, ext4). Dropped after writing,
-    the pages come back one by one as the map touches them (MADV_RANDOM: no readahead), and a short prompt's run
-    holds ~1 MiB of the tables."""
-    if hasattr(os, "posix_fadvise"):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # clean pages only: atomic_write fsynced them
-        finally:
-            os.close(fd)
-
-
 _NOT_COMPACT = b"not a BpeTokenizer kind\n"  # the cache's record of a tokenizer.json BpeTokenizer cannot take
 
 
@@ -198,7 +184,7 @@ def load_compact(path: Path):
             atomic_write(cached, lambda p: p.write_bytes(_NOT_COMPACT))
             return None
         atomic_write(cached, lambda p: tokenizer.save(str(p)))
-        _drop_from_page_cache(cached)
+        drop_from_page_cache(cached)  # then a run maps only the pages it touches (MADV_RANDOM): ~1 MiB
         return bpe.load(str(cached))  # mapped, as later runs have it; the built tables are freed
     except (OSError, RuntimeError):
         return tokenizer
