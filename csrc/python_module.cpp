@@ -103,6 +103,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("scales") = pybind11::none(),
       "argmax(linear(x, weight, scales)) of one token, found while the output is written (DecodeSession.greedy's "
       "head; exposed for its tests)");
+  m.def("gemv_token_limit", &gemma3_fast::gemv_token_limit, pybind11::arg("weight"),
+        "the most tokens linear runs through the decode kernel (one pass over the weight, each token's outputs "
+        "its batch-1 ones) for this weight; more go to a matmul");
   m.def("set_gguf_int16_activations", &gemma3_fast::set_gguf_int16_activations, pybind11::arg("on"),
         "GGUF block weights' decode kernels with activations quantized to int16 (fast, approximate) or fp32 (exact, "
         "the default); process-wide");

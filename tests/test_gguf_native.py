@@ -78,7 +78,7 @@ def assert_linear_close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor):
 
 @needs_ext
 @pytest.mark.parametrize("kind", list(FORMATS), ids=lambda k: k.name)
-@pytest.mark.parametrize("tokens", [1, 3, 5, 8, 9, 40])  # 1..8: the streaming kernel; more: dequantized tiles + GEMM
+@pytest.mark.parametrize("tokens", [1, 3, 5, 9, 16, 17, 40])  # 1..16: the streaming kernel; more: tiles + GEMM
 def test_block_linear_matches_linear_on_dequantized(kind, tokens):
     elems, _ = FORMATS[kind]
     blocks = random_blocks(kind, 131, elems * 4, seed=tokens)  # odd row count
@@ -100,11 +100,13 @@ def test_block_linear_rows_are_batch_invariant(kind, mode):
         pytest.skip("this build has no int16 kernels (no AVX2)")
     elems, _ = FORMATS[kind]
     blocks = random_blocks(kind, 67, elems * 3)
-    x = torch.randn(8, blocks.shape[1] * elems, generator=torch.Generator().manual_seed(1))
+    limit = ops.native_module().gemv_token_limit(blocks)
+    assert limit >= 16
+    x = torch.randn(limit, blocks.shape[1] * elems, generator=torch.Generator().manual_seed(1))
     try:
         ops.set_gguf_activations(mode)
-        alone = torch.cat([ns.linear(x[i:i + 1], blocks) for i in range(8)])
-        for tokens in (2, 3, 4, 5, 7, 8):
+        alone = torch.cat([ns.linear(x[i:i + 1], blocks) for i in range(limit)])
+        for tokens in (2, 3, 4, 5, 7, 8, 13, limit):
             assert torch.equal(ns.linear(x[:tokens], blocks), alone[:tokens]), tokens
     finally:
         ops.set_gguf_activations("fp32")
@@ -119,6 +121,7 @@ def test_int16_activations_mode_is_close_and_off_by_default(kind):
     x = torch.randn(3, w.shape[1])
     assert not ops.native_module().gguf_int16_activations()
     exact = ns.linear(x, blocks)
+    prefill_x = torch.randn(40, w.shape[1])
     if not ops.native_module().GGUF_INT16_ACTIVATIONS:  # builds without AVX2: a clear refusal
         with pytest.raises(RuntimeError, match="only in AVX2 builds"):
             ops.set_gguf_activations("int16")
@@ -126,13 +129,13 @@ def test_int16_activations_mode_is_close_and_off_by_default(kind):
     try:
         ops.set_gguf_activations("int16")
         fast = ns.linear(x, blocks)
-        prefill = ns.linear(torch.randn(9, w.shape[1]), blocks)  # prefill stays fp32: no effect there
+        prefill = ns.linear(prefill_x, blocks)  # past the streaming kernel: the fp32 tiles, whatever the mode
     finally:
         ops.set_gguf_activations("fp32")
     assert not torch.equal(fast, exact)  # the mode is really on
     bound = 1e-4 * (x.abs() @ w.abs().T)  # int16 x: |error| <= k * max|x| / 65534 * max|w| per row
     assert bool(((fast - exact).abs() <= bound).all())
-    assert prefill.shape == (9, 67)
+    assert torch.equal(prefill, ns.linear(prefill_x, blocks))
     with pytest.raises(ValueError, match="must be one of"):
         ops.set_gguf_activations("int8")
 

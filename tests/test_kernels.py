@@ -232,7 +232,7 @@ def test_bad_inputs_raise_specific_errors():
 @pytest.mark.parametrize("x_dtype", DTYPES)
 @pytest.mark.parametrize("w_kind", ["float32", "bfloat16", "int8"])
 @pytest.mark.parametrize("tokens,k,n", [(1, 640, 1536), (1, 2048, 640), (3, 640, 130), (1, 100, 7), (8, 37, 33),
-                                        (9, 640, 256), (64, 2048, 640)])  # decode kernel up to 8 tokens, matmul above
+                                        (9, 640, 256), (64, 2048, 640)])  # decode kernel up to 16-32 tokens, matmul above
 def test_linear(x_dtype, w_kind, tokens, k, n):
     from gemma3_fast.quantize import quantize_int8
 
@@ -262,17 +262,20 @@ def test_linear(x_dtype, w_kind, tokens, k, n):
 @pytest.mark.parametrize("w_kind", ["float32", "bfloat16", "int8"])
 @pytest.mark.parametrize("k", [640, 100, 37])
 def test_linear_decode_rows_are_batch_invariant(x_dtype, w_kind, k):
-    """Up to the decode kernel's 8 tokens, each token's output is bit for bit the one it gets alone (the batched
-    decode's contract): the tokens share each weight row's loads, not their sums. Odd k: the scalar tails too."""
+    """Up to the decode kernel's limit (gemv_token_limit: 16 tokens for fp32 weights, 24 bf16, 32 int8), each
+    token's output is bit for bit the one it gets alone (the batched decode's contract): the tokens share each weight
+    row's loads, not their sums. Odd k: the scalar tails too."""
     from gemma3_fast.quantize import quantize_int8
 
     w32 = randn(67, k, seed=1) * k ** -0.5
     w, scales = quantize_int8(w32) if w_kind == "int8" else (w32.to(getattr(torch, w_kind)), None)
     if x_dtype == torch.bfloat16 and w_kind == "float32":
         w = w.to(torch.bfloat16)
-    x = randn(8, k, dtype=x_dtype, scale=3)
-    alone = torch.cat([ext.linear(x[i:i + 1], w, scales) for i in range(8)])
-    for tokens in (2, 3, 4, 5, 7, 8):
+    limit = ops.native_module().gemv_token_limit(w)
+    assert limit >= 16
+    x = randn(limit, k, dtype=x_dtype, scale=3)
+    alone = torch.cat([ext.linear(x[i:i + 1], w, scales) for i in range(limit)])
+    for tokens in (2, 3, 4, 5, 7, 8, 13, limit):
         assert torch.equal(ext.linear(x[:tokens], w, scales), alone[:tokens]), tokens
 
 
@@ -382,7 +385,7 @@ def test_linear_decode_rows_all_written_once(threads, n):
 @pytest.mark.parametrize("x_dtype", DTYPES)
 @pytest.mark.parametrize("k", [640, 37])
 def test_linear_prefill_int8_dequantizes_exactly(x_dtype, k):
-    """Above 8 tokens an int8 weight is dequantized in one pass (dequantize_int8) for the matmul: the same values
+    """Above 32 tokens (the decode kernel's limit) an int8 weight is dequantized in one pass (dequantize_int8) for the matmul: the same values
     as the fp32 product w * scale (then bf16 where the matmul runs in bf16), so the output equals the matmul of
     that dequantized weight exactly. Odd k: the scalar tail of each row."""
     from gemma3_fast.quantize import quantize_int8
