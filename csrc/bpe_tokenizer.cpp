@@ -193,6 +193,7 @@ void BpeTokenizer::find_byte_tokens() {
 }
 
 void BpeTokenizer::build_matchers() {
+  for (auto& id : common_char_ids_) id.store(kUnknownId, std::memory_order_relaxed);
   std::vector<int32_t> raw, normalized;
   for (size_t i = 0; i < n_added_; ++i) {
     if (added_ids_[i] < 0 || added_ids_[i] >= n_) continue;
@@ -330,6 +331,7 @@ int32_t BpeTokenizer::lookup_in(const int32_t* slots, size_t n_slots, std::strin
 void BpeTokenizer::build_added(AddedMatcher& m, const std::vector<int32_t>& ids) {
   m.ids.clear();
   m.lengths_by_byte.assign(256, {});
+  m.first_pairs.assign(65536 / 64, 0);
   if (ids.empty()) return;
   m.ids.assign(table_size(ids.size()), -1);
   for (const int32_t id : ids) {
@@ -340,6 +342,10 @@ void BpeTokenizer::build_added(AddedMatcher& m, const std::vector<int32_t>& ids)
     m.ids[h] = id;
     auto& lengths = m.lengths_by_byte[static_cast<unsigned char>(t[0])];
     if (std::find(lengths.begin(), lengths.end(), t.size()) == lengths.end()) lengths.push_back(t.size());
+    if (t.size() >= 2) {
+      const unsigned k = static_cast<unsigned char>(t[0]) << 8 | static_cast<unsigned char>(t[1]);
+      m.first_pairs[k >> 6] |= uint64_t{1} << (k & 63);
+    }
   }
   for (auto& lengths : m.lengths_by_byte) std::sort(lengths.rbegin(), lengths.rend());
 }
@@ -354,8 +360,9 @@ void BpeTokenizer::split_added(const AddedMatcher& m, std::string_view text, std
   while (i < text.size()) {
     int32_t found = -1;
     size_t found_len = 0;
+    const bool longer = i + 1 < text.size() && m.may_start(text[i], text[i + 1]);
     for (const uint32_t len : m.lengths_by_byte[static_cast<unsigned char>(text[i])]) {
-      if (len > text.size() - i) continue;
+      if (len > text.size() - i || (len >= 2 && !longer)) continue;
       found = lookup_in(m.ids.data(), m.ids.size(), text.substr(i, len));
       if (found >= 0) {
         found_len = len;
@@ -372,6 +379,19 @@ void BpeTokenizer::split_added(const AddedMatcher& m, std::string_view text, std
     start = i;
   }
   if (start < text.size()) out.push_back({text.substr(start), -1});
+}
+
+int32_t BpeTokenizer::char_id(std::string_view ch) const {
+  int slot = -1;
+  if (ch.size() == 1 && static_cast<unsigned char>(ch[0]) < 128) slot = static_cast<unsigned char>(ch[0]);
+  else if (ch == kMetaspace) slot = 128;
+  if (slot < 0) return lookup(ch);
+  int32_t id = common_char_ids_[slot].load(std::memory_order_relaxed);
+  if (id == kUnknownId) {  // a race only looks the same id up twice
+    id = lookup(ch);
+    common_char_ids_[slot].store(id, std::memory_order_relaxed);
+  }
+  return id;
 }
 
 std::pair<int32_t, int32_t> BpeTokenizer::merge_of(int32_t left, int32_t right) const {
@@ -402,7 +422,7 @@ void BpeTokenizer::bpe(std::string_view word, std::vector<int64_t>& out) const {
     const size_t len = std::min(utf8_length(static_cast<unsigned char>(word[i])), word.size() - i);
     const std::string_view ch = word.substr(i, len);
     i += len;
-    const int32_t id = lookup(ch);
+    const int32_t id = char_id(ch);
     if (id >= 0) {
       if (unk_len > 0) add(unk_id_, unk_len), unk_len = 0;
       add(id, static_cast<int32_t>(len));
@@ -424,15 +444,16 @@ void BpeTokenizer::bpe(std::string_view word, std::vector<int64_t>& out) const {
   if (unk_len > 0) add(unk_id_, unk_len);
 
   // Word::merge_all: lowest rank first, then the leftmost position; entries made stale by earlier merges are
-  // recognised and dropped when they come up.
+  // recognised and dropped when they come up. An entry whose pair is still in place is current without a lookup;
+  // one whose pair changed is current when the new pair merges into the same id, as tokenizers checks it.
   struct Merge {
-    int32_t rank, pos, new_id;
+    int32_t rank, pos, new_id, left, right;
     bool operator<(const Merge& o) const { return rank != o.rank ? rank > o.rank : pos > o.pos; }
   };
   std::priority_queue<Merge> queue;
   for (size_t p = 0; p + 1 < symbols.size(); ++p) {
     const auto [rank, id] = merge_of(symbols[p].c, symbols[p + 1].c);
-    if (rank >= 0) queue.push({rank, static_cast<int32_t>(p), id});
+    if (rank >= 0) queue.push({rank, static_cast<int32_t>(p), id, symbols[p].c, symbols[p + 1].c});
   }
   while (!queue.empty()) {
     const Merge top = queue.top();
@@ -440,7 +461,7 @@ void BpeTokenizer::bpe(std::string_view word, std::vector<int64_t>& out) const {
     Symbol& cur = symbols[top.pos];
     if (cur.len == 0 || cur.next == -1) continue;
     const Symbol right = symbols[cur.next];
-    if (merge_of(cur.c, right.c).second != top.new_id) continue;
+    if ((cur.c != top.left || right.c != top.right) && merge_of(cur.c, right.c).second != top.new_id) continue;
     symbols[cur.next].len = 0;
     cur.c = top.new_id;
     cur.len += right.len;
@@ -448,11 +469,11 @@ void BpeTokenizer::bpe(std::string_view word, std::vector<int64_t>& out) const {
     if (right.next >= 0) symbols[right.next].prev = top.pos;
     if (cur.prev >= 0) {
       const auto [rank, id] = merge_of(symbols[cur.prev].c, cur.c);
-      if (rank >= 0) queue.push({rank, cur.prev, id});
+      if (rank >= 0) queue.push({rank, cur.prev, id, symbols[cur.prev].c, cur.c});
     }
     if (cur.next >= 0) {
       const auto [rank, id] = merge_of(cur.c, symbols[cur.next].c);
-      if (rank >= 0) queue.push({rank, top.pos, id});
+      if (rank >= 0) queue.push({rank, top.pos, id, cur.c, symbols[cur.next].c});
     }
   }
   for (const Symbol& s : symbols)

@@ -10,6 +10,7 @@
 
 #include <ATen/ATen.h>
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -53,6 +54,13 @@ class BpeTokenizer {
   struct AddedMatcher {
     std::vector<int32_t> ids;                           // open addressing over the added ids
     std::vector<std::vector<uint32_t>> lengths_by_byte;  // [256]
+    // Bit (b0 << 8 | b1): some added token of two or more bytes starts with b0 b1. Gemma has 30 runs of spaces
+    // as added tokens: without this, each space in a text cost 30 hash lookups.
+    std::vector<uint64_t> first_pairs;  // [65536 / 64]
+    bool may_start(unsigned char b0, unsigned char b1) const {
+      const unsigned k = b0 << 8 | b1;
+      return (first_pairs[k >> 6] >> (k & 63)) & 1;
+    }
     bool empty() const { return ids.empty(); }
   };
   struct Piece {  // a stretch of text, or an added token already matched
@@ -71,6 +79,7 @@ class BpeTokenizer {
   size_t slot_of(const int32_t* slots, size_t n_slots, std::string_view s) const;
   int32_t lookup_in(const int32_t* slots, size_t n_slots, std::string_view s) const;
   int32_t lookup(std::string_view s) const { return lookup_in(index_, index_slots_, s); }
+  int32_t char_id(std::string_view ch) const;  // lookup of one character, ASCII and "▁" remembered
   void build_added(AddedMatcher& m, const std::vector<int32_t>& ids);
   void find_byte_tokens();
   void build_matchers();  // the added-token matchers, from the tables
@@ -114,6 +123,11 @@ class BpeTokenizer {
 
   AddedMatcher added_raw_, added_normalized_;
   int32_t byte_ids_[256];  // <0xXX> tokens, -1 where missing (in the file's header: no lookups at load)
+  // The ids of the one-character tokens most text is made of (ASCII, then "▁"), looked up on first use rather
+  // than at load (each lookup makes a page of the mapped index resident); kUnknownId until then. Atomics: encode
+  // runs without the GIL, from any thread.
+  static constexpr int32_t kUnknownId = -2;
+  mutable std::atomic<int32_t> common_char_ids_[129];
 };
 
 }  // namespace gemma3_fast

@@ -70,8 +70,8 @@ def iter_documents(files: list[Path]) -> Iterator[str]:
             yield obj["text"]
 
 
-def fingerprint(files: list[Path], tokenizer_json: str) -> str:
-    h = hashlib.sha256(tokenizer_json.encode())
+def fingerprint(files: list[Path], tokenizer_identity: str) -> str:
+    h = hashlib.sha256(tokenizer_identity.encode())
     for f in files:
         st = f.stat()
         h.update(f"{f.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
@@ -84,7 +84,7 @@ def tokenize_to_memmap(files: list[Path], tokenizer, out: Path, quiet: bool = Fa
     from tqdm import tqdm
 
     meta_path = out.with_suffix(".json")
-    key = fingerprint(files, tokenizer.tk.to_str())
+    key = fingerprint(files, tokenizer.identity())
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
     if meta_path.is_file() and out.is_file():
         try:
@@ -103,7 +103,7 @@ def tokenize_to_memmap(files: list[Path], tokenizer, out: Path, quiet: bool = Fa
             docs += 1
             ids = [tokenizer.bos_id]
             for piece in _pieces(text):
-                ids += tokenizer.tk.encode(piece, add_special_tokens=False).ids
+                ids += tokenizer.encode(piece, add_bos=False)  # the compact tokenizer where it applies: 1.5-2x
                 bar.update(len(piece.encode("utf-8", errors="replace")))
             ids.append(tokenizer.eos_id)
             np.asarray(ids, dtype=dtype).tofile(sink)

@@ -5,7 +5,7 @@ shape it implements (Gemma's: see `compact_arrays`), else on the `tokenizers` li
 text (tests/test_tokenizer.py holds them together). The compact one maps ~14 MB of tables, of which a run touches
 1-3 MiB, where `tokenizers` keeps ~76 MiB; it starts in milliseconds from its cached tables, where `tokenizers`
 parses 33 MB of JSON (~1 s).
-The `tokenizers` object is still made, on first use of `.tk`, for what needs it (training data, saving).
+The `tokenizers` object is still made, on first use of `.tk`, for what needs it (SFT's offsets, saving).
 """
 
 from __future__ import annotations
@@ -239,6 +239,18 @@ class GemmaTokenizer:
             raise ValueError(f"{path}: not a valid tokenizer.json ({e})") from None
         release_freed_memory()
         return cls(tk, source=str(path))
+
+    def identity(self) -> str:
+        """A digest that changes when the ids this tokenizer gives could (cached token files are keyed by it,
+        data.fingerprint): of its tokenizer.json's bytes when it is the compact tokenizer of one (hashed, not parsed:
+        `.tk` is not made for it), else of its serialization."""
+        if self.path is not None:
+            h = hashlib.sha256(b"tokenizer.json|")
+            with open(self.path, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+            return h.hexdigest()
+        return hashlib.sha256(self.tk.to_str().encode()).hexdigest()
 
     @property
     def vocab_size(self) -> int:

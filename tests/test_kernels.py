@@ -232,7 +232,7 @@ def test_bad_inputs_raise_specific_errors():
 @pytest.mark.parametrize("x_dtype", DTYPES)
 @pytest.mark.parametrize("w_kind", ["float32", "bfloat16", "int8"])
 @pytest.mark.parametrize("tokens,k,n", [(1, 640, 1536), (1, 2048, 640), (3, 640, 130), (1, 100, 7), (8, 37, 33),
-                                        (9, 640, 256), (64, 2048, 640)])  # decode kernel up to 16-32 tokens, matmul above
+                                        (9, 640, 256), (64, 2048, 640)])  # decode kernel to 16-32 tokens, then matmul
 def test_linear(x_dtype, w_kind, tokens, k, n):
     from gemma3_fast.quantize import quantize_int8
 
@@ -385,9 +385,9 @@ def test_linear_decode_rows_all_written_once(threads, n):
 @pytest.mark.parametrize("x_dtype", DTYPES)
 @pytest.mark.parametrize("k", [640, 37])
 def test_linear_prefill_int8_dequantizes_exactly(x_dtype, k):
-    """Above 32 tokens (the decode kernel's limit) an int8 weight is dequantized in one pass (dequantize_int8) for the matmul: the same values
-    as the fp32 product w * scale (then bf16 where the matmul runs in bf16), so the output equals the matmul of
-    that dequantized weight exactly. Odd k: the scalar tail of each row."""
+    """Above 32 tokens (the decode kernel's limit) an int8 weight is dequantized in one pass (dequantize_int8) for
+    the matmul: the same values as the fp32 product w * scale (then bf16 where the matmul runs in bf16), so the
+    output equals the matmul of that dequantized weight exactly. Odd k: the scalar tail of each row."""
     from gemma3_fast.quantize import quantize_int8
 
     w, scales = quantize_int8(randn(70, k, seed=1) * k ** -0.5)

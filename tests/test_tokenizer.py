@@ -5,6 +5,7 @@ tokenizer.json of another kind)."""
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -191,8 +192,6 @@ def test_tokenizers_object_is_made_on_first_use(cache, tmp_path):
 def test_odd_tokenizer_json_is_left_to_tokenizers(cache, tmp_path, damage):
     """A tokenizer.json whose fields have unexpected types is not BpeTokenizer's to judge: tokenizers reads it or
     names the problem, as it did before BpeTokenizer existed."""
-    import json
-
     tokens, scores, types = toy_vocab(True)
     path = tmp_path / "tokenizer.json"
     build_from_sentencepiece_vocab(tokens, scores, types).save(str(path))
@@ -207,3 +206,38 @@ def test_odd_tokenizer_json_is_left_to_tokenizers(cache, tmp_path, damage):
     assert load_compact(path) is None
     with pytest.raises(ValueError, match="not a valid tokenizer.json"):
         GemmaTokenizer.from_file(path)
+
+
+def test_training_data_is_tokenized_by_the_compact_tokenizer(cache, tmp_path):
+    """data.tokenize_to_memmap encodes with the compact tokenizer when it applies: the ids tokenizers gives,
+    documents framed by <bos> ... <eos>, `.tk` never made; the cache key is the tokenizer.json's contents, so a
+    copy of the file reuses the tokens and another vocabulary does not."""
+    import numpy as np
+
+    from gemma3_fast.data import tokenize_to_memmap
+
+    tokens, scores, types = toy_vocab(True)
+    hf = build_from_sentencepiece_vocab(tokens, scores, types)
+    path = tmp_path / "tokenizer.json"
+    hf.save(str(path))
+    texts = random_texts([t for t, ty in zip(tokens, types) if ty != _BYTE], list("abcdeΩé \n") + ["你"], 40)
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts if t.strip()))
+    tok = GemmaTokenizer.from_file(path)
+    assert tok.compact is not None
+    out = tokenize_to_memmap([data], tok, tmp_path / "train.bin", quiet=True)
+    assert tok._tk is None
+    expected = []
+    for t in (t for t in texts if t.strip()):
+        expected += [tok.bos_id] + hf.encode(t, add_special_tokens=False).ids + [tok.eos_id]
+    assert np.asarray(out).tolist() == expected
+
+    copy = tmp_path / "copy" / "tokenizer.json"
+    copy.parent.mkdir()
+    copy.write_bytes(path.read_bytes())
+    assert GemmaTokenizer.from_file(copy).identity() == tok.identity()
+    other = build_from_sentencepiece_vocab(tokens, [s - (i == len(tokens) - 1) for i, s in enumerate(scores)], types)
+    other_path = tmp_path / "other" / "tokenizer.json"
+    other_path.parent.mkdir()
+    other.save(str(other_path))
+    assert GemmaTokenizer.from_file(other_path).identity() != tok.identity()
