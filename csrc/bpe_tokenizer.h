@@ -30,7 +30,7 @@ class BpeTokenizer {
                const at::Tensor& added_ids, const at::Tensor& added_flags, int64_t unk_id, bool fuse_unk,
                bool byte_fallback);
   // The tables as save() wrote them, mapped read-only: loading takes a millisecond, only the pages a run
-  // touches become resident (see tokenizer.py's _drop_from_page_cache for what that depends on), and the page
+  // touches become resident (see huge_pages.drop_from_page_cache for what that depends on), and the page
   // cache holds one copy for every process.
   static std::unique_ptr<BpeTokenizer> load(const std::string& path);
   static constexpr int kFileVersion = 4;  // of save()'s layout: load() refuses another

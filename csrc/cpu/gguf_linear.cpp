@@ -320,10 +320,16 @@ using DequantizeRow = void (*)(const uint8_t*, int64_t, float*);
 std::atomic<bool> g_int16_activations{false};
 
 // Up to this many tokens, one pass over the blocks for all of them (each run unpacked and widened once); beyond,
-// dequantized tiles and the fp32 matmul. The default model's prefill on the 2-core EPYC (AVX-512 build), pass vs
-// tiles, ms: 9-10 tokens 27-30 vs 52-68, 16 tokens 41 vs 49-108, 24 tokens 55-56 vs 50-110, 32 tokens 70-71 vs
-// 50-102. The tiles also hold ~20 MiB (a 16 MB tile, oneDNN's buffers) that the default run's peak then carries.
+// dequantized tiles and the fp32 matmul. The default model's prefill on the 2-core EPYC, pass vs tiles, ms:
+// AVX-512 build, 9-10 tokens 27-30 vs 52-68, 16 tokens 41 vs 49-108, 24 tokens 55-56 vs 50-110, 32 tokens 70-71
+// vs 50-102; x86-64-v3 build, 10 tokens 30-32 vs 63-103, 16 tokens 41-43 vs 60-106. The tiles also hold ~20 MiB (a
+// 16 MB tile, oneDNN's buffers) that the default run's peak then carries. Builds without the AVX2 block loops
+// keep the limit of 8 this was first measured at.
+#if defined(GEMMA3_AVX2)
 constexpr int64_t kMaxGemvTokens = 16;
+#else
+constexpr int64_t kMaxGemvTokens = 8;
+#endif
 
 // Rows [r0, r1) of w dequantized into out [r1 - r0, k].
 void dequantize_rows(const Format& f, const uint8_t* w, int64_t row_bytes, int64_t r0, int64_t r1, float* out,

@@ -27,12 +27,33 @@ namespace {
 
 // Up to this many tokens the decode kernel (one pass over the weight for all of them) wins; beyond, the matmul on a
 // converted copy. The kernel's cost grows by a token's dot products, the matmul's starts with the conversion and
-// its oneDNN setup (and ~20 MiB of buffers). Prefill of the whole model, 2-core EPYC, AVX-512 build, kernel vs
-// matmul at 10 / 16 / 24 / 32 tokens, ms: fp32 43-45 / 63-65 / 78-86 / 95-97 vs 71-72 / 72-77 / 73-74 / 73-74;
-// bf16 20-23 / 26-28 / 35-38 / 43-45 vs 37-42 / 39-41 / 39-42 / 40-43; int8 14-16 / 19-21 / 24-27 / 29-32 vs
-// 39-46 / 43-47 / 43-49 / 42-47. At 8 tokens (the old limit) they were the same code.
+// its oneDNN setup (and ~20 MiB of buffers). Whole-model prefill, 2-core EPYC, kernel vs matmul, ms, at 10 / 16 /
+// 24 / 32 tokens. AVX-512 build: fp32 43-45 / 63-65 / 78-86 / 95-97 vs 71-72 / 72-77 / 73-74 / 73-74; bf16 (the
+// AVX512-BF16 dot) 20-23 / 26-28 / 35-38 / 43-45 vs 37-42 / 39-41 / 39-42 / 40-43; int8 (VNNI) 14-16 / 19-21 /
+// 24-27 / 29-32 vs 39-46 / 43-47 / 43-49 / 42-47. x86-64-v3 build: fp32 41-48 / 59-61 at 10 / 16 vs 66-77 / 68-70;
+// bf16 35 / 48 at 10 / 16 vs 42-50 / 43-44; int8 18 / 25-26 / 37-39 / 49-56 vs 44-45 / 40-47 / 42-50 / 40-45.
+// Builds without these SIMD paths keep the limit of 8 this was first measured at.
 constexpr int64_t max_gemv_tokens(at::ScalarType weight_type) {
-  return weight_type == at::kChar ? 32 : weight_type == at::kBFloat16 ? 24 : 16;
+#if defined(GEMMA3_AVX2)
+  if (weight_type == at::kChar) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    return 32;
+#else
+    return 24;
+#endif
+  }
+  if (weight_type == at::kBFloat16) {
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+    return 24;
+#else
+    return 12;
+#endif
+  }
+  return 16;
+#else
+  (void)weight_type;
+  return 8;
+#endif
 }
 
 inline float to_f32_w(int8_t x) { return static_cast<float>(x); }
